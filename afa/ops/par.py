@@ -1,0 +1,294 @@
+"""PAR, pixel-adaptive refinement, for a whole batch at once (AFA.md §5).
+
+Design. One PAR step, M ← Σ_k κ_k · M_k over 48 replicate-padded neighbours, is the same
+sparse linear map for every channel and iteration of an image. We build it once as a CSR
+matrix of size (B·h·w)², block-diagonal over images with 48 entries per row (column =
+flat index of the neighbour, value = κ_k), and apply it with one sparse-dense product per
+iteration to the channels-last masks (B·h·w, K'). This beats both padding + 48 shifted
+slices (48 full passes over the masks per iteration) and a gather of all neighbours (a
+48× copy of the masks: 1 GB at B=4, 256², K'=21): the product reads each mask row
+from cache and writes the result once. Replicate padding is a clamp of the neighbour's
+coordinates, so a per-image valid extent (AFA.md §7: PAR inside each valid box) is just a
+different clamp bound per image, with no loop and no difference to per-image PAR.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from afa.ops.boxes import resample_boxes_bilinear, valid_box_mask
+from afa.ops.cam import combine_threshold_labels
+from afa.ops.classes import IGNORE_INDEX, class_channel_index, threshold_class_scores
+
+DEFAULT_DILATIONS: tuple[int, ...] = (1, 2, 4, 8, 12, 24)
+# PAR runs on the image downsampled by this factor (AFA.md §5, §7).
+PAR_DOWN_SCALE = 2
+# Order of the 8 neighbours within a dilation (AFA.md §5).
+_DIRECTIONS: tuple[tuple[int, int], ...] = (
+    (-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
+
+
+def neighbour_offsets(dilations: Sequence[int]) -> list[tuple[int, int]]:
+    """The (row, column) offsets of PAR's neighbours, 8 per dilation (AFA.md §5)."""
+    return [(dy * d, dx * d) for d in dilations for dy, dx in _DIRECTIONS]
+
+
+@functools.lru_cache(maxsize=32)
+def _position_kernel(dilations: tuple[int, ...], w1: float, w2: float, device: torch.device) -> Tensor:
+    """w2 · softmax_k(b_k), the image-independent part of κ (AFA.md §5); cached: it depends
+    only on the dilations. Returns (n,) float32 with n = 8 · len(dilations)."""
+    root2 = torch.tensor(math.sqrt(2.0), dtype=torch.float32)
+    distances = torch.stack([
+        (root2 if dy != 0 and dx != 0 else torch.tensor(1.0)) * d
+        for d in dilations for dy, dx in _DIRECTIONS])
+    logits = -(distances / (distances.std() + 1e-8) / w1) ** 2
+    return (w2 * torch.softmax(logits, dim=0)).to(device)
+
+
+@functools.lru_cache(maxsize=32)
+def _offset_tensors(offsets: tuple[tuple[int, int], ...], device: torch.device) -> tuple[Tensor, Tensor]:
+    """Row and column offsets as (n,) int64 tensors on `device`; cached so that the copy to
+    the device happens once, not per call."""
+    table = torch.tensor(offsets, dtype=torch.int64).to(device)
+    return table[:, 0], table[:, 1]
+
+
+def _padded_coordinates(length: int, pad: int, extents: Tensor | None, device: torch.device) -> Tensor:
+    """Source coordinate of every position of a replicate-padded axis.
+
+    Args:
+        length: the axis length.
+        pad: padding on each side.
+        extents: (B,) int64 valid lengths (positions ≥ extent replicate the last valid one),
+            or None for the full length.
+
+    Returns:
+        (B or 1, length + 2·pad) int64.
+    """
+    coordinates = torch.arange(-pad, length + pad, device=device).clamp_min(0)[None]
+    if extents is None:
+        return coordinates.clamp_max(length - 1)
+    return torch.minimum(coordinates, (extents[:, None] - 1).clamp_min(0))
+
+
+def _appearance_logits(padded: Tensor, offsets: list[tuple[int, int]], pad: int, w1: float) -> Tensor:
+    """a_k = mean over RGB of −(|I_k − I| / (σ_I + 1e-8) / w1)² (AFA.md §5).
+
+    Neighbours are views into the padded image, so the 48 of them are never stacked.
+
+    Args:
+        padded: (B, 3, h + 2·pad, w + 2·pad) float32 replicate-padded image.
+        offsets: the n neighbour offsets.
+        pad: the padding (≥ every offset).
+        w1: appearance temperature.
+
+    Returns:
+        (B, n, h, w) float32.
+    """
+    height, width = padded.shape[2] - 2 * pad, padded.shape[3] - 2 * pad
+
+    def neighbour(dy: int, dx: int) -> Tensor:  # (B, 3, h, w) view
+        return padded[:, :, pad + dy:pad + dy + height, pad + dx:pad + dx + width]
+
+    mean = torch.zeros_like(neighbour(0, 0))
+    for dy, dx in offsets:
+        mean.add_(neighbour(dy, dx))
+    mean.div_(len(offsets))
+    # Two passes (mean, then squared deviations) as torch.std does: one-pass sums lose
+    # precision in flat regions, where σ_I is small and divides the difference.
+    variance = torch.zeros_like(mean)
+    for dy, dx in offsets:
+        variance.add_((neighbour(dy, dx) - mean).square_())
+    scale = variance.div_(len(offsets) - 1).sqrt_().add_(1e-8)  # σ_I + 1e-8, unbiased
+    centre = neighbour(0, 0)
+    logits = padded.new_empty((padded.shape[0], len(offsets), height, width))
+    for k, (dy, dx) in enumerate(offsets):
+        difference = (neighbour(dy, dx) - centre).abs_().div_(scale).div_(w1)
+        logits[:, k] = difference.square_().neg_().mean(dim=1)
+    return logits
+
+
+def _neighbour_columns(
+    rows: Tensor, cols: Tensor, offsets: list[tuple[int, int]], pad: int, height: int, width: int,
+) -> Tensor:
+    """Flat index (into B·h·w) of every pixel's n neighbours, replicate-clamped.
+
+    Args:
+        rows: (B, h + 2·pad) source row of each padded row.
+        cols: (B, w + 2·pad) source column of each padded column.
+
+    Returns:
+        (B, h, w, n) int64.
+    """
+    device = rows.device
+    batch = rows.shape[0]
+    dy, dx = _offset_tensors(tuple(offsets), device)
+    row_positions = pad + dy[:, None] + torch.arange(height, device=device)[None]  # (n, h)
+    col_positions = pad + dx[:, None] + torch.arange(width, device=device)[None]  # (n, w)
+    neighbour_rows = rows[:, row_positions]  # (B, n, h)
+    neighbour_cols = cols[:, col_positions]  # (B, n, w)
+    flat = neighbour_rows[:, :, :, None] * width + neighbour_cols[:, :, None, :]  # (B, n, h, w)
+    flat = flat + (torch.arange(batch, device=device) * (height * width))[:, None, None, None]
+    return flat.permute(0, 2, 3, 1)
+
+
+def _par_operator(
+    images: Tensor, dilations: tuple[int, ...], w1: float, w2: float, extents: Tensor | None,
+) -> Tensor:
+    """The PAR step as a block-diagonal CSR matrix (B·h·w, B·h·w), 48 entries a row.
+
+    Args:
+        images: (B, 3, h, w) float32.
+        extents: (B, 2) int64 valid (height, width) at the top-left, or None for all.
+
+    Returns:
+        sparse CSR float32; row p holds κ_k(p) at the column of p's k-th neighbour.
+    """
+    batch, _, height, width = images.shape
+    device = images.device
+    offsets = neighbour_offsets(dilations)
+    pad = max(dilations)
+    rows = _padded_coordinates(height, pad, None if extents is None else extents[:, 0], device)
+    cols = _padded_coordinates(width, pad, None if extents is None else extents[:, 1], device)
+    rows, cols = rows.expand(batch, -1), cols.expand(batch, -1)
+    padded = images.gather(2, rows[:, None, :, None].expand(batch, 3, -1, width))
+    padded = padded.gather(3, cols[:, None, None, :].expand(batch, 3, padded.shape[2], -1))
+    kernel = torch.softmax(_appearance_logits(padded, offsets, pad, w1), dim=1)  # (B, n, h, w)
+    kernel = kernel.add_(_position_kernel(tuple(dilations), w1, w2, device)[None, :, None, None])
+    values = kernel.permute(0, 2, 3, 1).reshape(-1)  # row-major (B, h, w, n)
+    columns = _neighbour_columns(rows, cols, offsets, pad, height, width).reshape(-1)
+    size = batch * height * width
+    # 32-bit indices halve the index traffic of the product; fall back for huge inputs.
+    index_dtype = torch.int32 if values.numel() < 2**31 - 1 else torch.int64
+    row_starts = torch.arange(0, values.numel() + 1, len(offsets), device=device, dtype=index_dtype)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(
+            row_starts, columns.to(index_dtype), values, size=(size, size), check_invariants=False)
+
+
+def pixel_adaptive_refinement(
+    images: Tensor, masks: Tensor, dilations: Sequence[int] = DEFAULT_DILATIONS,
+    num_iterations: int = 10, w1: float = 0.3, w2: float = 0.01, extents: Tensor | None = None,
+) -> Tensor:
+    """PAR (AFA.md §5) on a batch; float32 throughout, also under autocast.
+
+    The kernel is invariant to a per-channel affine change of the image (|I_k − I| / σ_I),
+    so normalised or 0–255 images give the same result up to the 1e-8 guard.
+
+    Args:
+        images: (B, 3, h, w).
+        masks: (B, K', h', w'), resized to (h, w) bilinear with align_corners=True.
+        dilations: neighbour rings (8 neighbours each).
+        num_iterations: refinement steps.
+        w1: appearance and position temperature.
+        w2: weight of the position kernel.
+        extents: (B, 2) int64 valid (height, width) of each image at its top-left corner:
+            replicate padding then happens at that border, exactly as PAR on the cropped
+            image; values outside the extent are not meaningful. None: the whole image.
+
+    Returns:
+        (B, K', h, w) float32.
+    """
+    batch, _, height, width = images.shape
+    with torch.autocast(device_type=images.device.type, enabled=False):
+        masks = masks.float()
+        if masks.shape[-2:] != images.shape[-2:]:
+            masks = F.interpolate(masks, size=(height, width), mode="bilinear", align_corners=True)
+        operator = _par_operator(images.float(), tuple(dilations), w1, w2, extents)
+        channels = masks.shape[1]
+        state = masks.permute(0, 2, 3, 1).reshape(batch * height * width, channels)  # channels-last rows
+        for _ in range(num_iterations):
+            state = operator @ state
+    return state.view(batch, height, width, channels).permute(0, 3, 1, 2).contiguous()
+
+
+def pixel_adaptive_refinement_in_boxes(
+    images: Tensor, masks: Tensor, valid_boxes: Tensor, dilations: Sequence[int] = DEFAULT_DILATIONS,
+    num_iterations: int = 10, w1: float = 0.3, w2: float = 0.01,
+) -> Tensor:
+    """PAR per image inside its valid box, on the box downsampled by 2 (AFA.md §7).
+
+    Per image b with box (t, bo, l, r) this equals: crop image and masks to the box,
+    downsample the image crop to ((bo−t)//2, (r−l)//2) (bilinear), PAR (which resizes the
+    mask crop with align_corners=True and pads at the box border), upsample the result
+    to the box size (bilinear) and paste it into zeros. All images run as one batch: boxes
+    are resampled onto the top-left of an (H//2, W//2) canvas with per-image bilinear taps,
+    and PAR clamps neighbours to each image's extent. Boxes must be at least 2×2.
+
+    Args:
+        images: (B, 3, H, W).
+        masks: (B, K', H, W) scores at crop resolution.
+        valid_boxes: (B, 4) int64 (top, bottom, left, right), half-open.
+
+    Returns:
+        (B, K', H, W) float32, zero outside the boxes.
+    """
+    height, width = images.shape[-2:]
+    canvas = (height // PAR_DOWN_SCALE, width // PAR_DOWN_SCALE)
+    box_heights = (valid_boxes[:, 1] - valid_boxes[:, 0]) // PAR_DOWN_SCALE
+    box_widths = (valid_boxes[:, 3] - valid_boxes[:, 2]) // PAR_DOWN_SCALE
+    zeros = torch.zeros_like(box_heights)
+    small_boxes = torch.stack([zeros, box_heights, zeros, box_widths], dim=1)
+    with torch.autocast(device_type=images.device.type, enabled=False):
+        small_images = resample_boxes_bilinear(images.float(), valid_boxes, small_boxes, canvas)
+        # PAR's own mask resize (align_corners=True), from each box to its small box.
+        small_masks = resample_boxes_bilinear(masks.float(), valid_boxes, small_boxes, canvas, align_corners=True)
+        refined = pixel_adaptive_refinement(
+            small_images, small_masks, dilations, num_iterations, w1, w2,
+            extents=torch.stack([box_heights, box_widths], dim=1))
+        return resample_boxes_bilinear(refined, small_boxes, valid_boxes, (height, width))
+
+
+def refine_cams_with_par(
+    images: Tensor, cams: Tensor, labels: Tensor, valid_boxes: Tensor,
+    thresholds: tuple[float, float] = (0.55, 0.35), dilations: Sequence[int] = DEFAULT_DILATIONS,
+    num_iterations: int = 10, w1: float = 0.3, w2: float = 0.01,
+    max_classes_per_image: int | None = None, ignore_index: int = IGNORE_INDEX,
+) -> Tensor:
+    """The PAR-refined CAM pseudo label (AFA.md §5, "Refining CAMs with PAR").
+
+    Background plane τ prepended; image and planes downsampled by 2; softmax over
+    background + present classes (absent ones masked to 0); PAR on the whole crop; upsample
+    to (H, W); argmax. Both thresholds share the image's PAR kernel: their planes are
+    stacked along channels and refined in one call. Combined as in §5; ignore outside the
+    valid box.
+
+    Args:
+        images: (B, 3, H, W) images (normalised or 0–255: PAR's kernel is the same).
+        cams: (B, C, H, W) normalised CAMs (absent classes are masked here).
+        labels: (B, C) multi-hot.
+        valid_boxes: (B, 4) int64 (top, bottom, left, right), half-open.
+        thresholds: the two background scores; the larger is `high`, order does not matter.
+        max_classes_per_image: optional bound on foreground classes in any image of the
+            batch (compute it from the labels while they are still on the CPU); refines
+            1 + this many channels per image instead of K. None: all K, masked.
+        ignore_index: label of ignored pixels.
+
+    Returns:
+        (B, H, W) int64.
+    """
+    batch, _, height, width = cams.shape
+    high, low = max(thresholds), min(thresholds)
+    class_ids = class_channel_index(
+        labels, None if max_classes_per_image is None else max_classes_per_image + 1)  # (B, K')
+    kept = class_ids.shape[1]
+    small = (height // PAR_DOWN_SCALE, width // PAR_DOWN_SCALE)
+    with torch.autocast(device_type=cams.device.type, enabled=False):
+        small_cams = F.interpolate(cams.float(), size=small, mode="bilinear", align_corners=False)
+        small_images = F.interpolate(images.float(), size=small, mode="bilinear", align_corners=False)
+        # Downsampling the constant τ plane is the identity, so it is prepended after.
+        scores = threshold_class_scores(small_cams, labels, class_ids, (high, low))  # (B, 2, K', h, w)
+        refined = pixel_adaptive_refinement(
+            small_images, scores.flatten(1, 2), dilations, num_iterations, w1, w2)
+        refined = F.interpolate(refined, size=(height, width), mode="bilinear", align_corners=False)
+    slots = refined.view(batch, 2, kept, height, width).argmax(dim=2)  # (B, 2, H, W)
+    label = class_ids.gather(1, slots.flatten(1)).view(batch, 2, height, width)
+    inside = valid_box_mask(valid_boxes, height, width)
+    return combine_threshold_labels(label[:, 0], label[:, 1], inside, ignore_index)
