@@ -1,8 +1,10 @@
 import json
 import logging
+import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +18,18 @@ from afa.engine.log import (
     resolve_wandb_mode,
     setup_console_logging,
 )
+
+
+@pytest.fixture(autouse=True)
+def restore_package_logger():
+    """Gives the "afa" logger back as found, so other tests' caplog still sees its records."""
+    logger = logging.getLogger("afa")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    yield
+    for handler in logger.handlers:
+        if handler not in saved[0]:
+            handler.close()
+    logger.handlers[:], logger.level, logger.propagate = saved
 
 
 @pytest.fixture
@@ -86,7 +100,8 @@ def test_none_logger_never_imports_wandb(tmp_path):
         assert "wandb" not in sys.modules, sorted(m for m in sys.modules if "wandb" in m)
         print("ok")
     """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("ok")
 
@@ -138,7 +153,6 @@ def test_console_logging_file_on_rank_zero_only(tmp_path, capsys):
     assert not (tmp_path / "r1").exists()
     out = capsys.readouterr().out
     assert "quiet" not in out and "[rank 1]" in out and "loud on rank 1" in out
-    setup_console_logging(None, rank=0)  # leave the package logger console-only
 
 
 def test_progress_emits_periodic_lines_without_a_tty(tmp_path):
@@ -155,4 +169,3 @@ def test_progress_emits_periodic_lines_without_a_tty(tmp_path):
     with Progress(total=10, enabled=False, log_every=1, logger=logger) as silent:
         silent.update(5)
     assert len((tmp_path / "train.log").read_text().splitlines()) == 2
-    setup_console_logging(None, rank=0)
