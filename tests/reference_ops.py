@@ -19,6 +19,34 @@ DIRECTIONS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 
 DILATIONS = (1, 2, 4, 8, 12, 24)
 
 
+# --- random inputs ---------------------------------------------------------------------
+
+def random_images(batch: int, height: int, width: int, seed: int) -> Tensor:
+    """(B, 3, H, W) test images, 0–255."""
+    generator = torch.Generator().manual_seed(seed)
+    # Smooth regions plus noise, 0–255, so σ_I varies from small to large.
+    coarse = torch.rand(batch, 3, height // 4 + 1, width // 4 + 1, generator=generator)
+    smooth = F.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)
+    return 255 * (0.8 * smooth + 0.2 * torch.rand(batch, 3, height, width, generator=generator))
+
+
+def random_labels_and_boxes(batch: int, classes: int, height: int, width: int, seed: int) -> tuple[Tensor, Tensor]:
+    """Multi-hot labels (B, C) (first image background-only) and valid boxes (B, 4): the
+    first the whole crop, the others random, odd offsets and sizes included, at least 2×2."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = (torch.rand(batch, classes, generator=generator) < 0.4).float()
+    labels[0] = 0  # an image with background only
+    labels[-1, :3] = 1
+    boxes = [[0, height, 0, width]]  # full crop
+    for _ in range(batch - 1):  # odd offsets and sizes, at least 2×2
+        top = int(torch.randint(0, height // 3, (1,), generator=generator))
+        left = int(torch.randint(0, width // 3, (1,), generator=generator))
+        bottom = int(torch.randint(top + 2, height + 1, (1,), generator=generator))
+        right = int(torch.randint(left + 2, width + 1, (1,), generator=generator))
+        boxes.append([top, bottom, left, right])
+    return labels, torch.tensor(boxes, dtype=torch.long)
+
+
 # --- §3, §4 -------------------------------------------------------------------------------
 
 def reference_multi_scale_cam(

@@ -1,0 +1,122 @@
+"""Windows, transitions and propagation (AFA.md §6, §7, §10) against per-image references."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from afa.ops import (
+    local_window_mask,
+    propagate_cams,
+    propagate_cams_for_evaluation,
+    propagate_cams_with_affinity,
+    random_walk_transition,
+)
+from tests.reference_ops import (
+    IGN,
+    random_images,
+    random_labels_and_boxes,
+    reference_propagate,
+    reference_propagate_for_evaluation,
+    reference_propagate_with_affinity,
+    reference_transition,
+    reference_window_mask,
+)
+
+TOLERANCE = 1e-5
+
+
+def _symmetric_affinity(batch: int, nodes: int, seed: int) -> torch.Tensor:
+    affinity = torch.rand(batch, nodes, nodes, generator=torch.Generator().manual_seed(seed))
+    return (affinity + affinity.transpose(1, 2)) / 2
+
+
+@pytest.mark.parametrize("height,width,radius", [(5, 7, 2), (6, 6, 8), (4, 9, 1)])
+def test_window_matches_double_loop(height: int, width: int, radius: int):
+    assert torch.equal(local_window_mask(height, width, radius), reference_window_mask(height, width, radius))
+
+
+def test_window_is_cached_per_size_and_device():
+    assert local_window_mask(7, 8, 3, "cpu") is local_window_mask(7, 8, 3, torch.device("cpu"))
+    assert local_window_mask(7, 8, 3) is not local_window_mask(7, 8, 2)
+
+
+def test_transition_matches_reference():
+    affinity = torch.rand(3, 30, 30, generator=torch.Generator().manual_seed(0))  # not symmetric
+    window = local_window_mask(5, 6, 2)
+    before = affinity.clone()
+    ours = random_walk_transition(affinity, window)
+    assert (ours - reference_transition(affinity, window)).abs().max() <= TOLERANCE
+    assert torch.equal(affinity, before)  # the input is left intact
+
+
+def test_symmetric_affinity_gives_symmetric_weights_and_column_stochastic_bound():
+    affinity = _symmetric_affinity(2, 42, seed=1)
+    window = local_window_mask(6, 7, 2)
+    transition = random_walk_transition(affinity, window)
+    weights = (affinity * window) ** 2
+    column_sums = weights.sum(dim=1, keepdim=True)
+    # T = W D⁻¹ with D = diag(Σ_i W_ij + 0.1): undoing the column scaling gives back W, symmetric.
+    recovered = transition * (column_sums + 0.1)
+    assert torch.allclose(recovered, recovered.transpose(1, 2), atol=1e-6)
+    assert torch.allclose(recovered, weights, atol=1e-6)
+    assert torch.all(transition[:, ~window] == 0)
+    totals = transition.sum(dim=1)
+    assert torch.all(totals < 1) and torch.allclose(totals, (column_sums / (column_sums + 0.1))[:, 0], atol=1e-6)
+
+
+def test_propagate_cams_matches_reference():
+    batch, classes, grid = 3, 5, (5, 6)
+    generator = torch.Generator().manual_seed(2)
+    cams = torch.rand(batch, classes, *grid, generator=generator)
+    labels = (torch.rand(batch, classes, generator=generator) < 0.5).float()
+    labels[0] = 0
+    affinity = _symmetric_affinity(batch, 30, seed=3)
+    window = local_window_mask(*grid, 2)
+    ours = propagate_cams(cams, labels, random_walk_transition(affinity, window), bkg_score=0.4)
+    expected = reference_propagate(cams, labels, affinity, window, 0.4)
+    assert ours.shape == (batch, classes + 1, 30)
+    assert (ours - expected).abs().max() <= TOLERANCE
+    absent = torch.cat([torch.zeros(batch, 1, dtype=torch.bool), labels == 0], dim=1)
+    assert torch.all(ours[absent] == 0)
+
+
+def test_propagate_with_affinity_matches_reference():
+    batch, classes, height, width, grid = 3, 5, 48, 64, (3, 4)
+    images = random_images(batch, height, width, seed=4)
+    cams = torch.rand(batch, classes, height, width, generator=torch.Generator().manual_seed(5))
+    labels, boxes = random_labels_and_boxes(batch, classes, height, width, seed=6)
+    affinity = _symmetric_affinity(batch, 12, seed=7)
+    expected = reference_propagate_with_affinity(cams, labels, affinity, images, boxes, radius=1, grid=grid)
+    ours = propagate_cams_with_affinity(cams, labels, affinity, images, boxes, radius=1, grid_size=grid)
+    assert ours.dtype == torch.int64
+    assert torch.equal(ours, expected)
+    most = int(labels.sum(dim=1).max())
+    compact = propagate_cams_with_affinity(
+        cams, labels, affinity, images, boxes, thresholds=(0.55, 0.35), radius=1, grid_size=grid,
+        max_classes_per_image=most)
+    assert torch.equal(compact, expected)
+
+
+def test_propagate_with_affinity_square_grid_default_and_bad_grid():
+    images = random_images(1, 32, 32, seed=8)
+    cams = torch.rand(1, 3, 32, 32)
+    labels = torch.tensor([[1.0, 0.0, 1.0]])
+    boxes = torch.tensor([[0, 32, 0, 32]])
+    affinity = _symmetric_affinity(1, 16, seed=9)
+    ours = propagate_cams_with_affinity(cams, labels, affinity, images, boxes, radius=2)
+    assert torch.equal(ours, reference_propagate_with_affinity(cams, labels, affinity, images, boxes, radius=2))
+    with pytest.raises(ValueError, match="grid_size"):
+        propagate_cams_with_affinity(cams, labels, affinity, images, boxes, grid_size=(2, 4))
+    with pytest.raises(ValueError, match="grid_size"):
+        propagate_cams_with_affinity(cams, labels, _symmetric_affinity(1, 12, 0), images, boxes)
+
+
+def test_propagate_for_evaluation_matches_reference():
+    batch, classes, height, width = 2, 4, 40, 50  # grid ⌈40/16⌉×⌈50/16⌉ = 3×4
+    cams = torch.rand(batch, classes, height, width, generator=torch.Generator().manual_seed(10))
+    labels = torch.tensor([[1.0, 0, 0, 1], [0, 1, 0, 0]])
+    affinity = _symmetric_affinity(batch, 12, seed=11)
+    ours = propagate_cams_for_evaluation(cams, labels, affinity, bkg_score=0.35, radius=8)
+    expected = reference_propagate_for_evaluation(cams, labels, affinity, tau=0.35, radius=8)
+    assert torch.equal(ours, expected)
+    assert ours.max() < IGN
