@@ -1,0 +1,123 @@
+"""Validation during AFA training (AFA.md §10): classification F1, CAM, propagated-CAM and
+segmentation mIoU, each over the full images, sharded across ranks and reduced."""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from afa.metrics import ConfusionMatrix, MultiLabelCounts
+from afa.models.network import AFANetwork
+from afa.ops import cam_to_label, multi_scale_cam, propagate_cams_for_evaluation
+
+
+def autocast_context(device: torch.device, enabled: bool):
+    """bf16 autocast on CUDA when enabled; a no-op otherwise."""
+    if enabled and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+class AFAValidation:
+    """Accumulates the four validation results of AFA.md §10.
+
+    Args:
+        num_classes: foreground classes C.
+        device: where the counts live.
+    """
+
+    parts = ("cam", "propagated", "segmentation")
+
+    def __init__(self, num_classes: int, device: torch.device) -> None:
+        self.classification = MultiLabelCounts(num_classes, device=device)
+        self.matrices = {part: ConfusionMatrix(num_classes + 1, device=device) for part in self.parts}
+
+    def update(self, class_logits: Tensor, labels: Tensor, masks: Tensor, predictions: dict[str, Tensor]) -> None:
+        self.classification.update(class_logits, labels)
+        for part, prediction in predictions.items():
+            self.matrices[part].update(prediction, masks)
+
+    def compute(self) -> dict[str, dict]:
+        """Reduced over ranks: {"classification": …, "cam": …, "propagated": …, "segmentation": …}."""
+        results = {"classification": self.classification.reduce_().compute()}
+        for part, matrix in self.matrices.items():
+            results[part] = matrix.reduce_().compute()
+        return results
+
+
+@torch.no_grad()
+def predict_afa_batch(
+    network: AFANetwork,
+    images: Tensor,
+    labels: Tensor,
+    output_size: tuple[int, int],
+    cam_scales: Sequence[float],
+    bkg_score: float,
+    propagation_bkg_score: float,
+    radius: int,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Class logits and the three label maps of AFA.md §10 for same-size images.
+
+    Args:
+        images: (B, 3, H, W) normalised, unpadded.
+        labels: (B, C) ground-truth image labels (CAM labels keep only present classes).
+        output_size: (H_label, W_label).
+
+    Returns:
+        class_logits (B, C) and {"cam", "propagated", "segmentation"}: (B, H_label, W_label).
+    """
+    output = network(images)
+    segmentation = F.interpolate(output.seg_logits.float(), size=output_size, mode="bilinear", align_corners=False)
+    cams, _ = multi_scale_cam(network.forward_cam, images, cam_scales, with_affinity=False)
+    if cams.shape[-2:] != output_size:
+        cams = F.interpolate(cams, size=output_size, mode="bilinear", align_corners=False)
+    grid = (-(-images.shape[-2] // 16), -(-images.shape[-1] // 16))
+    grid = grid if grid[0] * grid[1] == output.affinity.shape[-1] else None
+    predictions = {
+        "cam": cam_to_label(cams, labels, bkg_score),
+        "propagated": propagate_cams_for_evaluation(
+            cams, labels, output.affinity, propagation_bkg_score, radius, grid_size=grid
+        ),
+        "segmentation": segmentation.argmax(dim=1),
+    }
+    return output.class_logits.float(), predictions
+
+
+def evaluate_afa(
+    network: AFANetwork,
+    batches: Iterable[dict],
+    num_classes: int,
+    device: torch.device,
+    cam_scales: Sequence[float] = (1.0, 0.5, 1.5),
+    bkg_score: float = 0.45,
+    propagation_bkg_score: float = 0.35,
+    radius: int = 8,
+    amp: bool = False,
+) -> dict[str, dict]:
+    """Run AFA.md §10's validation over ``batches`` (this rank's shard) and reduce.
+
+    Args:
+        network: the (unwrapped) network; put in eval mode here and restored after.
+        batches: eval samples collated by size (``image``, ``mask``, ``labels``).
+        num_classes: foreground classes C.
+    """
+    was_training = network.training
+    network.eval()
+    validation = AFAValidation(num_classes, device)
+    try:
+        for batch in batches:
+            images = batch["image"].to(device, non_blocking=True)
+            masks = batch["mask"].to(device, non_blocking=True)
+            labels = batch["labels"].to(device, non_blocking=True)
+            with autocast_context(device, amp):
+                class_logits, predictions = predict_afa_batch(
+                    network, images, labels, tuple(masks.shape[-2:]), cam_scales, bkg_score,
+                    propagation_bkg_score, radius,
+                )
+            validation.update(class_logits, labels, masks, predictions)
+    finally:
+        network.train(was_training)
+    return validation.compute()

@@ -1,0 +1,456 @@
+"""The single-stage AFA training loop (AFA.md §8), from a composed hydra config.
+
+Devices, processes, files and loggers are decided here once; the network and the ops
+know nothing of them.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Subset
+
+from afa import viz
+from afa.data import ResumableSampler, SameSizeBatchSampler
+from afa.engine.builders import build_datasets, build_network, build_optimizer_from_config
+from afa.engine.checkpoint import CheckpointManager, capture_rng_state, load_checkpoint, resolve_resume, restore_rng_state
+from afa.engine.config import validate_config
+from afa.engine.dist import DistributedContext, cleanup, init_distributed
+from afa.engine.evaluator import autocast_context, evaluate_afa
+from afa.engine.log import Progress, build_logger, setup_console_logging
+from afa.metrics import iou_table_rows
+from afa.models.network import AFANetwork
+from afa.ops import (
+    affinity_labels_from_segmentation,
+    affinity_loss,
+    balanced_segmentation_loss,
+    multi_scale_cam,
+    multilabel_soft_margin_loss,
+    propagate_cams_with_affinity,
+    refine_cams_with_par,
+)
+
+LOG = logging.getLogger("afa")
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss became NaN or infinite; raised before the optimizer step, so weights stay clean."""
+
+
+@dataclass
+class StepResult:
+    """What one iteration produced, kept on the device until a log step reads it."""
+
+    losses: dict[str, Tensor]
+    counts: dict[str, Tensor] = field(default_factory=dict)
+    pictures: dict[str, Tensor] = field(default_factory=dict)
+
+
+class PhaseTimer:
+    """Wall time per phase of an iteration; synchronises CUDA only when measuring.
+
+    Args:
+        device: the training device.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.enabled = False
+        self.times: dict[str, float] = {}
+        self._last = 0.0
+
+    def start(self, enabled: bool) -> None:
+        self.enabled, self.times = enabled, {}
+        self._last = self._now() if enabled else 0.0
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def mark(self, phase: str) -> None:
+        if self.enabled:
+            now = self._now()
+            self.times[phase] = self.times.get(phase, 0.0) + now - self._last
+            self._last = now
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _resolve_run_dir(cfg: DictConfig) -> Path:
+    if cfg.run_dir is not None:
+        return Path(cfg.run_dir)
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    return Path("runs") / str(cfg.run_name)
+
+
+class AFATrainer:
+    """One AFA training run: data, network, optimiser, checkpoints, loggers, loop.
+
+    Args:
+        cfg: the composed, validated config.
+        context: this process's place in the (possibly single-process) group.
+    """
+
+    def __init__(self, cfg: DictConfig, context: DistributedContext) -> None:
+        self.cfg = cfg
+        self.context = context
+        self.device = context.device
+        self.run_dir = _resolve_run_dir(cfg)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        setup_console_logging(self.run_dir, context.rank)
+        _seed_everything(int(cfg.seed))
+        self.method = cfg.method
+        self.max_iters = int(cfg.train.max_iters)
+        self.amp = bool(cfg.train.amp) and self.device.type == "cuda"
+
+        self.train_dataset, self.val_dataset = build_datasets(cfg.dataset)
+        self.num_classes = int(self.train_dataset.num_classes)
+        self.class_names = list(self.train_dataset.class_names)
+        sync_bn = context.world_size > 1 and self.device.type == "cuda"
+        self.network: AFANetwork = build_network(cfg.model, self.num_classes, sync_bn).to(self.device)
+        self.optimizer, self.scheduler = build_optimizer_from_config(self.network, cfg.optimizer, self.max_iters)
+        self.sampler = ResumableSampler(len(self.train_dataset), seed=int(cfg.seed), rank=context.rank, world_size=context.world_size)
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep_last=int(cfg.train.keep_last))
+        self.step = 0
+        self.wandb_run_id: str | None = None
+        self._resume()
+
+        self.model = self._wrap(self.network)
+        self.experiment = build_logger(
+            cfg.logger.name,
+            rank=context.rank,
+            **self._logger_options(),
+        )
+        self.timer = PhaseTimer(self.device)
+
+    # ---------------------------------------------------------------- setup
+    def _logger_options(self) -> dict[str, Any]:
+        if self.cfg.logger.name != "wandb":
+            return {}
+        options = OmegaConf.to_container(self.cfg.logger, resolve=True)
+        options.pop("name")
+        return {
+            **options,
+            "name": str(self.cfg.run_name),
+            "run_dir": self.run_dir,
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "run_id": self.wandb_run_id,
+        }
+
+    def _wrap(self, network: AFANetwork) -> torch.nn.Module:
+        model: torch.nn.Module = network
+        if self.cfg.train.compile:
+            model = torch.compile(model)
+        if self.context.world_size > 1:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            # The classification-only phase leaves the decoder and affinity head unused.
+            model = DistributedDataParallel(
+                model, device_ids=device_ids, find_unused_parameters=int(self.method.cam_iters) > self.step
+            )
+        return model
+
+    def _resume(self) -> None:
+        path = resolve_resume(self.cfg.train.resume, self.checkpoints.run_dir)
+        if path is None:
+            if self.cfg.train.resume == "auto":
+                LOG.info("train.resume=auto: no checkpoint in %s, starting fresh", self.checkpoints.run_dir)
+            return
+        state = load_checkpoint(path, map_location="cpu")
+        self.network.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        samplers = state["sampler"]  # one data position per rank
+        self.sampler.load_state_dict(samplers[self.context.rank] if self.context.rank < len(samplers) else samplers[0])
+        restore_rng_state(state["rng"])
+        self.checkpoints.restore(state)
+        self.step = int(state["step"])
+        self.wandb_run_id = state.get("wandb_run_id")
+        LOG.info("resumed from %s at iteration %d", path, self.step)
+
+    # ---------------------------------------------------------------- data
+    def _train_batches(self) -> Iterator[dict]:
+        loader = DataLoader(
+            self.train_dataset,
+            batch_size=int(self.cfg.train.batch_size),
+            sampler=self.sampler,
+            num_workers=int(self.cfg.train.num_workers),
+            pin_memory=self.device.type == "cuda",
+            drop_last=True,
+            persistent_workers=int(self.cfg.train.num_workers) > 0,
+            # Its own generator: creating the iterator must not advance the global RNG, or a
+            # resumed run's dropout/stochastic-depth draws would shift.
+            generator=torch.Generator().manual_seed(int(self.cfg.seed)),
+        )
+        return iter(loader)
+
+    def _val_batches(self) -> Iterator[dict] | None:
+        if self.val_dataset is None:
+            return None
+        dataset = self.val_dataset
+        max_images = self.cfg.eval.max_images
+        sizes = dataset.image_sizes
+        if max_images is not None and max_images < len(dataset):
+            dataset, sizes = Subset(dataset, range(max_images)), sizes[:max_images]
+        batches = SameSizeBatchSampler(sizes, int(self.cfg.eval.batch_size), self.context.rank, self.context.world_size)
+        return DataLoader(
+            dataset, batch_sampler=batches, num_workers=int(self.cfg.eval.num_workers),
+            pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(0),
+        )
+
+    # ---------------------------------------------------------------- one iteration
+    def _pseudo_labels(
+        self, images: Tensor, labels: Tensor, boxes: Tensor, propagate: bool, max_classes: int | None
+    ) -> dict[str, Tensor]:
+        """CAMs → PAR-refined label (§5) and, when asked, the propagated label (§7); no gradients.
+
+        ``max_classes`` (most foreground classes in any image, read from the CPU labels) lets
+        PAR refine 1 + that many channels instead of all K.
+        """
+        cam, par = self.method.cam, self.method.par
+        par_options = dict(
+            dilations=tuple(par.dilations), num_iterations=int(par.num_iterations), w1=float(par.w1), w2=float(par.w2)
+        )
+        with torch.no_grad():
+            # CAMs from the deterministic network: stochastic depth would only add noise.
+            self.network.eval()
+            try:
+                cams, affinity = multi_scale_cam(self.network.forward_cam, images, tuple(cam.scales), with_affinity=propagate)
+            finally:
+                self.network.train()
+            self.timer.mark("cam")
+            refined = refine_cams_with_par(
+                images, cams, labels, boxes, (float(cam.high_thre), float(cam.low_thre)),
+                max_classes_per_image=max_classes, **par_options,
+            )
+            result = {"cams": cams, "refined": refined}
+            if propagate:
+                result["propagated"] = propagate_cams_with_affinity(
+                    cams, labels, affinity, images, boxes, (float(cam.low_thre), float(cam.high_thre)),
+                    radius=int(self.method.affinity.radius), max_classes_per_image=max_classes, **par_options,
+                )
+            self.timer.mark("labels")
+        return result
+
+    def _train_step(self, batch: dict, picture_step: bool) -> StepResult:
+        images = batch["image"].to(self.device, non_blocking=True)
+        labels = batch["labels"].to(self.device, non_blocking=True)
+        boxes = batch["valid_box"].to(self.device, non_blocking=True)
+        max_classes = int(batch["labels"].sum(dim=1).max())  # CPU tensor: no device sync
+        self.timer.mark("data")
+        with autocast_context(self.device, self.amp):
+            if self.step < int(self.method.cam_iters):
+                output = self.model(images, with_segmentation=False, with_affinity=False)
+                cls_loss = multilabel_soft_margin_loss(output.class_logits.float(), labels)
+                result = StepResult({"loss": cls_loss, "cls_loss": cls_loss})
+                if picture_step:
+                    result.pictures = self._pseudo_labels(images[:1], labels[:1], boxes[:1], False, max_classes)
+            else:
+                use_propagated = self.step >= int(self.method.switch_iters)
+                pseudo = self._pseudo_labels(images, labels, boxes, use_propagated or picture_step, max_classes)
+                output = self.model(images)
+                target = pseudo["propagated"] if use_propagated else pseudo["refined"]
+                cls_loss = multilabel_soft_margin_loss(output.class_logits.float(), labels)
+                seg_loss = balanced_segmentation_loss(output.seg_logits.float(), target)
+                grid = math.isqrt(output.affinity.shape[-1])
+                affinity_targets = affinity_labels_from_segmentation(
+                    pseudo["refined"], (grid, grid), radius=int(self.method.affinity.radius)
+                )
+                aff_loss, counts = affinity_loss(output.affinity, affinity_targets)
+                loss = cls_loss + float(self.method.loss.seg_weight) * seg_loss + float(self.method.loss.aff_weight) * aff_loss
+                result = StepResult(
+                    {"loss": loss, "cls_loss": cls_loss, "seg_loss": seg_loss, "aff_loss": aff_loss}, counts
+                )
+                if picture_step:
+                    result.pictures = {
+                        **{k: v[:1] for k, v in pseudo.items()},
+                        "prediction": output.seg_logits[:1].detach().argmax(dim=1),
+                        "affinity": output.affinity[:1].detach().float(),
+                    }
+        self._check_finite(result.losses, batch["name"])
+        self.optimizer.zero_grad(set_to_none=True)
+        result.losses["loss"].backward()
+        self.timer.mark("forward_backward")
+        self.optimizer.step()
+        self.scheduler.step()
+        self.timer.mark("optimizer")
+        return result
+
+    def _check_finite(self, losses: dict[str, Tensor], names: list[str]) -> None:
+        if bool(torch.isfinite(losses["loss"]).item()):
+            return
+        values = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+        raise NonFiniteLossError(
+            f"non-finite loss at iteration {self.step} ({values}); images: {', '.join(names)}. "
+            f"No checkpoint was written for this state; the last good one is in {self.checkpoints.run_dir}"
+        )
+
+    # ---------------------------------------------------------------- bookkeeping
+    def _checkpoint_state(self, consumed: int) -> dict[str, Any]:
+        samplers = [self.sampler.state_dict(num_consumed=consumed)]
+        if self.context.world_size > 1:
+            gathered: list[Any] = [None] * self.context.world_size
+            torch.distributed.all_gather_object(gathered, samplers[0])
+            samplers = gathered
+        return {
+            "model": self.network.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "sampler": samplers,
+            "rng": capture_rng_state(),
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "wandb_run_id": getattr(self.experiment, "run_id", None),
+        }
+
+    def _save(self, consumed: int, metric: float | None = None) -> None:
+        state = self._checkpoint_state(consumed)  # collective under DDP: every rank takes part
+        if self.context.is_main:
+            is_best = self.checkpoints.save(self.step, state, metric=metric)
+            LOG.info("checkpoint %s%s", self.checkpoints.last_path, " (best)" if is_best else "")
+
+    def _log_step(self, window: list[StepResult], progress: Progress, seconds: float, images_seen: int) -> None:
+        means = {k: torch.stack([r.losses[k].detach().float() for r in window if k in r.losses]).mean()
+                 for k in window[-1].losses}
+        scalars = {f"train/{k}": v.item() for k, v in means.items()}
+        for key, value in window[-1].counts.items():
+            scalars[f"train/{key}"] = float(value.item())
+        scalars["train/lr"] = self.optimizer.param_groups[0]["lr"]
+        scalars["train/images_per_second"] = images_seen / max(seconds, 1e-9)
+        scalars.update({f"time/{phase}": t for phase, t in self.timer.times.items()})
+        if self.device.type == "cuda":
+            scalars["memory/max_allocated_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        self.experiment.log_scalars(scalars, step=self.step)
+        LOG.info(progress.summary(**{k.split("/")[1]: v for k, v in scalars.items() if k.startswith("train/") and "loss" in k}))
+
+    def _log_pictures(self, batch: dict, result: StepResult) -> None:
+        if not result.pictures or not self.context.is_main:
+            return
+        image = viz.denormalize_image(batch["image"][0])
+        labels = batch["labels"][0]
+        pictures = {"train/input": [(image, ", ".join(self.class_names[int(c) + 1] for c in labels.nonzero().flatten()))]}
+        cams = result.pictures["cams"][0].float().cpu()
+        present = labels.nonzero().flatten()
+        if len(present):
+            pictures["train/cam"] = [(viz.cam_overlay(image, cams[int(c)].numpy()), self.class_names[int(c) + 1]) for c in present]
+        for key in ("refined", "propagated", "prediction"):
+            if key in result.pictures:
+                pictures[f"train/{key}_label"] = viz.colorize_labels(result.pictures[key][0].cpu().numpy())
+        if "affinity" in result.pictures:
+            affinity = result.pictures["affinity"][0].cpu()
+            side = math.isqrt(affinity.shape[-1])
+            points = [(side // 4, side // 4), (side // 2, side // 2), (3 * side // 4, 3 * side // 4)]
+            pictures["train/attention_affinity"] = viz.affinity_map(affinity.numpy(), (side, side), points, image=image)
+        self.experiment.log_images(pictures, step=self.step)
+
+    def validate(self) -> dict[str, dict] | None:
+        batches = self._val_batches()
+        if batches is None:
+            return None
+        cam, affinity = self.method.cam, self.method.affinity
+        results = evaluate_afa(
+            self.network, batches, self.num_classes, self.device, tuple(cam.scales), float(cam.bkg_score),
+            float(affinity.propagation_bkg_score), int(affinity.radius), amp=self.amp,
+        )
+        scalars = {"val/cls_f1": results["classification"]["f1"]}
+        for part in ("cam", "propagated", "segmentation"):
+            scalars[f"val/{part}_miou"] = results[part]["miou"]
+        self.experiment.log_scalars(scalars, step=self.step)
+        rows = [[name, *(results[part]["iou"][k] for part in ("cam", "propagated", "segmentation"))]
+                for k, name in enumerate(self.class_names)]
+        self.experiment.log_table("val/per_class_iou", ["class", "cam", "propagated", "segmentation"], rows, step=self.step)
+        LOG.info(
+            "validation at %d: cls F1 %.3f | CAM mIoU %.3f | propagated mIoU %.3f | segmentation mIoU %.3f",
+            self.step, scalars["val/cls_f1"], scalars["val/cam_miou"], scalars["val/propagated_miou"],
+            scalars["val/segmentation_miou"],
+        )
+        return results
+
+    # ---------------------------------------------------------------- loop
+    def fit(self) -> dict[str, Any]:
+        train = self.cfg.train
+        log_every, eval_every = int(train.log_every), int(train.eval_every)
+        image_every, checkpoint_every = int(train.image_log_every), int(train.checkpoint_every)
+        batch_size = int(train.batch_size)
+        if self.context.is_main:
+            LOG.info("run directory: %s", self.run_dir.resolve())
+            LOG.info("to resume if interrupted: python train.py run_name=%s train.resume=auto", self.cfg.run_name)
+        batches = self._train_batches()
+        progress = Progress(self.max_iters, initial=self.step, enabled=self.context.is_main, desc="train")
+        window: list[StepResult] = []
+        window_start, images_in_window = time.perf_counter(), 0
+        consumed = 0
+        results: dict[str, dict] | None = None
+        self.network.train()
+        while self.step < self.max_iters:
+            measure = log_every > 0 and (self.step + 1) % log_every == 0
+            picture_step = image_every > 0 and (self.step + 1) % image_every == 0 and self.context.is_main
+            self.timer.start(measure)
+            batch = next(batches)
+            consumed += batch_size
+            result = self._train_step(batch, picture_step)
+            self.step += 1
+            images_in_window += batch_size * self.context.world_size
+            window.append(StepResult(result.losses, result.counts))
+            progress.update(1)
+            if picture_step:
+                self._log_pictures(batch, result)
+            if measure:
+                self._log_step(window, progress, time.perf_counter() - window_start, images_in_window)
+                window, window_start, images_in_window = [], time.perf_counter(), 0
+            last = self.step == self.max_iters
+            if (eval_every > 0 and self.step % eval_every == 0) or last:
+                results = self.validate()
+                metric = None if results is None else results["segmentation"]["miou"]
+                self._save(consumed, metric)
+            elif checkpoint_every > 0 and self.step % checkpoint_every == 0:
+                self._save(consumed)
+        progress.close()
+        return self._summary(results)
+
+    def _summary(self, results: dict[str, dict] | None) -> dict[str, Any]:
+        summary: dict[str, Any] = {"run_dir": str(self.run_dir), "checkpoint": str(self.checkpoints.last_path),
+                                   "log_file": str(self.run_dir / "train.log"), "iterations": self.step}
+        if results is not None:
+            summary.update({
+                "cls_f1": results["classification"]["f1"],
+                "cam_miou": results["cam"]["miou"],
+                "propagated_miou": results["propagated"]["miou"],
+                "segmentation_miou": results["segmentation"]["miou"],
+            })
+        return summary
+
+    def close(self) -> None:
+        self.experiment.finish()
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Validate ``cfg``, run AFA training, and return the final summary (rank 0's view)."""
+    validate_config(cfg)
+    context = init_distributed(backend=cfg.train.backend, device=cfg.device)
+    trainer = None
+    try:
+        trainer = AFATrainer(cfg, context)
+        return trainer.fit()
+    finally:
+        if trainer is not None:
+            trainer.close()
+        cleanup()
