@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -91,7 +92,7 @@ def reference_cam_to_label(cams: Tensor, labels: Tensor, bkg_score: float) -> Te
 def reference_cam_to_training_label(
     cams: Tensor, labels: Tensor, boxes: Tensor, high: float, low: float,
 ) -> Tensor:
-    out = torch.full(cams.shape[:1] + cams.shape[2:], IGN, dtype=torch.long)
+    out = torch.full(cams.shape[:1] + cams.shape[2:], IGN, dtype=torch.long, device=cams.device)
     for i in range(cams.shape[0]):
         valid = cams[i] * labels[i][:, None, None]
         score, index = valid.max(dim=0)
@@ -131,7 +132,7 @@ def reference_par_single(
     for d in dilations:
         for dy, dx in DIRECTIONS:
             distances.append(d * math.sqrt(2) if dy != 0 and dx != 0 else float(d))
-    position = torch.tensor(distances, dtype=torch.float32).view(1, 1, -1, 1, 1)
+    position = torch.tensor(distances, dtype=torch.float32, device=image.device).view(1, 1, -1, 1, 1)
     position = -(position / (torch.std(position, dim=2, keepdim=True) + 1e-8) / w1) ** 2
     kernel = F.softmax(appearance, dim=2) + w2 * F.softmax(position, dim=2)
     for _ in range(num_iterations):
@@ -153,7 +154,8 @@ def _combine(label_high: Tensor, label_low: Tensor) -> Tensor:
 
 
 def _keys(labels_row: Tensor) -> Tensor:
-    return torch.cat([torch.zeros(1, dtype=torch.long), torch.nonzero(labels_row)[:, 0] + 1])
+    zero = torch.zeros(1, dtype=torch.long, device=labels_row.device)
+    return torch.cat([zero, torch.nonzero(labels_row)[:, 0] + 1])
 
 
 def reference_refine_cams_with_par(
@@ -163,12 +165,12 @@ def reference_refine_cams_with_par(
     b, _, h, w = cams.shape
     high, low = max(thresholds), min(thresholds)
     small_images = F.interpolate(images, size=(h // 2, w // 2), mode="bilinear", align_corners=False)
-    out = torch.full((b, h, w), IGN, dtype=torch.long)
+    out = torch.full((b, h, w), IGN, dtype=torch.long, device=cams.device)
     for i in range(b):
         keys = _keys(labels[i])
         per_threshold = []
         for tau in (high, low):
-            planes = torch.cat([torch.full((1, 1, h, w), tau), cams[i:i + 1]], dim=1)
+            planes = torch.cat([torch.full((1, 1, h, w), tau, device=cams.device), cams[i:i + 1]], dim=1)
             planes = F.interpolate(planes, size=(h // 2, w // 2), mode="bilinear", align_corners=False)
             planes = planes.index_select(1, keys).softmax(dim=1)
             refined = reference_par_single(small_images[i:i + 1], planes, **kwargs)
@@ -195,20 +197,24 @@ def reference_par_in_boxes(images: Tensor, masks: Tensor, boxes: Tensor, **kwarg
 
 # --- §6 -----------------------------------------------------------------------------------
 
-def reference_window_mask(h: int, w: int, radius: int) -> Tensor:
-    """The reference's double loop over nodes and their window."""
-    mask = torch.zeros(h * w, h * w, dtype=torch.bool)
+def reference_window_mask(h: int, w: int, radius: int, device: torch.device | str = "cpu") -> Tensor:
+    """The reference's double loop over nodes and their window, in NumPy."""
+    mask = np.zeros((h * w, h * w), dtype=bool)
     for i in range(h * w):
         row, col = i // w, i % w
         for r in range(max(0, row - radius), min(h, row + radius + 1)):
             for c in range(max(0, col - radius), min(w, col + radius + 1)):
                 mask[i, r * w + c] = True
                 mask[r * w + c, i] = True
-    return mask
+    return torch.from_numpy(mask).to(device)
 
 
-def reference_affinity_labels(labels: Tensor, grid: tuple[int, int], radius: int) -> Tensor:
-    window = reference_window_mask(grid[0], grid[1], radius)
+def reference_affinity_labels(
+    labels: Tensor, grid: tuple[int, int], radius: int, window: Tensor | None = None,
+) -> Tensor:
+    """Per image; `window` may be built once beforehand, as the reference trainer does."""
+    if window is None:
+        window = reference_window_mask(grid[0], grid[1], radius, labels.device)
     out = []
     for i in range(labels.shape[0]):
         small = F.interpolate(labels[i][None, None].float(), size=grid, mode="nearest").reshape(-1).long()
@@ -246,9 +252,10 @@ def reference_propagate(
     """cams_on_grid (B, C, h, w) -> (B, K, N): τ prepended, softmax over present channels, X T."""
     b, c = cams_on_grid.shape[:2]
     transition = reference_transition(affinity, window)
-    out = torch.zeros(b, c + 1, transition.shape[-1])
+    out = torch.zeros(b, c + 1, transition.shape[-1], device=transition.device)
     for i in range(b):
-        x = torch.cat([torch.full((1,) + cams_on_grid.shape[2:], tau), cams_on_grid[i]]).reshape(c + 1, -1)
+        background = torch.full((1,) + cams_on_grid.shape[2:], tau, device=cams_on_grid.device)
+        x = torch.cat([background, cams_on_grid[i]]).reshape(c + 1, -1)
         keys = _keys(labels[i])
         x = F.softmax(x.index_select(0, keys), dim=0)
         out[i, keys] = x @ transition[i]
@@ -262,10 +269,10 @@ def reference_propagate_with_affinity(
     """§7's training label, image by image and threshold by threshold."""
     b, c, h, w = cams.shape
     high, low = max(thresholds), min(thresholds)
-    window = reference_window_mask(grid[0], grid[1], radius)
+    window = reference_window_mask(grid[0], grid[1], radius, cams.device)
     valid = cams * labels[:, :, None, None]
     on_grid = F.interpolate(valid, size=grid, mode="bilinear", align_corners=False)
-    out = torch.full((b, h, w), IGN, dtype=torch.long)
+    out = torch.full((b, h, w), IGN, dtype=torch.long, device=cams.device)
     for i in range(b):
         keys = _keys(labels[i])
         per_threshold = []
@@ -274,7 +281,7 @@ def reference_propagate_with_affinity(
             propagated = F.interpolate(
                 propagated.view(1, c + 1, *grid), size=(h, w), mode="bilinear", align_corners=False)
             t, bo, l, r = boxes[i].tolist()
-            refined = torch.zeros(1, c + 1, h, w)
+            refined = torch.zeros(1, c + 1, h, w, device=cams.device)
             crop = images[i:i + 1, :, t:bo, l:r]
             small = F.interpolate(crop, size=((bo - t) // 2, (r - l) // 2), mode="bilinear", align_corners=False)
             part = reference_par_single(small, propagated[:, :, t:bo, l:r].index_select(1, keys), **kwargs)
@@ -293,7 +300,7 @@ def reference_propagate_for_evaluation(
     """§10: grid ⌈h/16⌉×⌈w/16⌉, random walk, upsample, argmax; no PAR."""
     b, c, h, w = cams.shape
     grid = (math.ceil(h / 16), math.ceil(w / 16))
-    window = reference_window_mask(grid[0], grid[1], radius)
+    window = reference_window_mask(grid[0], grid[1], radius, cams.device)
     out = []
     for i in range(b):
         on_grid = F.interpolate(cams[i:i + 1], size=grid, mode="bilinear", align_corners=False)

@@ -52,6 +52,13 @@ def test_par_extents_equal_par_on_the_cropped_image():
         assert (ours[i, :, :height, :width] - expected[0]).abs().max() <= TOLERANCE
 
 
+@pytest.mark.parametrize("height,width", [(1, 1), (3, 4), (2, 30)])
+def test_par_on_tiny_images_matches_reference(height: int, width: int):
+    images = random_images(2, 8, 32, seed=17)[:, :, :height, :width]
+    masks = torch.rand(2, 3, height, width, generator=torch.Generator().manual_seed(18))
+    assert (pixel_adaptive_refinement(images, masks) - reference_par(images, masks)).abs().max() <= TOLERANCE
+
+
 def test_par_kernel_ignores_image_normalisation():
     images = random_images(2, 24, 24, seed=6)
     masks = torch.rand(2, 3, 24, 24, generator=torch.Generator().manual_seed(7))

@@ -6,8 +6,11 @@ import torch
 
 from afa.ops import (
     local_window_mask,
+    local_window_neighbours,
     propagate_cams,
     propagate_cams_for_evaluation,
+    propagate_cams_in_window,
+    propagate_cams_per_threshold,
     propagate_cams_with_affinity,
     random_walk_transition,
 )
@@ -80,19 +83,20 @@ def test_propagate_cams_matches_reference():
     assert torch.all(ours[absent] == 0)
 
 
-def test_propagate_with_affinity_matches_reference():
-    batch, classes, height, width, grid = 3, 5, 48, 64, (3, 4)
+@pytest.mark.parametrize("grid,radius", [((3, 4), 1), ((8, 10), 2)])  # dense and sparse window paths
+def test_propagate_with_affinity_matches_reference(grid: tuple[int, int], radius: int):
+    batch, classes, height, width = 3, 5, 48, 64
     images = random_images(batch, height, width, seed=4)
     cams = torch.rand(batch, classes, height, width, generator=torch.Generator().manual_seed(5))
     labels, boxes = random_labels_and_boxes(batch, classes, height, width, seed=6)
-    affinity = _symmetric_affinity(batch, 12, seed=7)
-    expected = reference_propagate_with_affinity(cams, labels, affinity, images, boxes, radius=1, grid=grid)
-    ours = propagate_cams_with_affinity(cams, labels, affinity, images, boxes, radius=1, grid_size=grid)
+    affinity = _symmetric_affinity(batch, grid[0] * grid[1], seed=7)
+    expected = reference_propagate_with_affinity(cams, labels, affinity, images, boxes, radius=radius, grid=grid)
+    ours = propagate_cams_with_affinity(cams, labels, affinity, images, boxes, radius=radius, grid_size=grid)
     assert ours.dtype == torch.int64
     assert torch.equal(ours, expected)
     most = int(labels.sum(dim=1).max())
     compact = propagate_cams_with_affinity(
-        cams, labels, affinity, images, boxes, thresholds=(0.55, 0.35), radius=1, grid_size=grid,
+        cams, labels, affinity, images, boxes, thresholds=(0.55, 0.35), radius=radius, grid_size=grid,
         max_classes_per_image=most)
     assert torch.equal(compact, expected)
 
@@ -111,12 +115,48 @@ def test_propagate_with_affinity_square_grid_default_and_bad_grid():
         propagate_cams_with_affinity(cams, labels, _symmetric_affinity(1, 12, 0), images, boxes)
 
 
-def test_propagate_for_evaluation_matches_reference():
-    batch, classes, height, width = 2, 4, 40, 50  # grid ⌈40/16⌉×⌈50/16⌉ = 3×4
+@pytest.mark.parametrize("height,width,radius", [(40, 50, 8), (150, 170, 2)])  # dense and sparse paths
+def test_propagate_for_evaluation_matches_reference(height: int, width: int, radius: int):
+    batch, classes = 2, 4
+    nodes = -(-height // 16) * -(-width // 16)  # ⌈h/16⌉·⌈w/16⌉
     cams = torch.rand(batch, classes, height, width, generator=torch.Generator().manual_seed(10))
     labels = torch.tensor([[1.0, 0, 0, 1], [0, 1, 0, 0]])
-    affinity = _symmetric_affinity(batch, 12, seed=11)
-    ours = propagate_cams_for_evaluation(cams, labels, affinity, bkg_score=0.35, radius=8)
-    expected = reference_propagate_for_evaluation(cams, labels, affinity, tau=0.35, radius=8)
+    affinity = _symmetric_affinity(batch, nodes, seed=11)
+    ours = propagate_cams_for_evaluation(cams, labels, affinity, bkg_score=0.35, radius=radius)
+    expected = reference_propagate_for_evaluation(cams, labels, affinity, tau=0.35, radius=radius)
     assert torch.equal(ours, expected)
     assert ours.max() < IGN
+
+
+def test_propagate_per_threshold_equals_separate_calls():
+    generator = torch.Generator().manual_seed(12)
+    cams = torch.rand(2, 3, 4, 4, generator=generator)
+    labels = torch.tensor([[1.0, 0, 1], [0, 0, 0]])
+    transition = random_walk_transition(_symmetric_affinity(2, 16, seed=13), local_window_mask(4, 4, 1))
+    both = propagate_cams_per_threshold(cams, labels, transition, (0.35, 0.55))
+    assert (both[:, 0] - propagate_cams(cams, labels, transition, 0.35)).abs().max() <= 1e-6
+    assert (both[:, 1] - propagate_cams(cams, labels, transition, 0.55)).abs().max() <= 1e-6
+
+
+# (8, 9) and (12, 12) take the sparse window path on CPU; (3, 4) the dense fallback.
+@pytest.mark.parametrize("grid,radius", [((8, 9), 2), ((12, 12), 3), ((3, 4), 8)])
+def test_windowed_propagation_equals_dense_transition(grid: tuple[int, int], radius: int):
+    generator = torch.Generator().manual_seed(14)
+    nodes = grid[0] * grid[1]
+    cams = torch.rand(3, 4, *grid, generator=generator)
+    labels = torch.tensor([[1.0, 0, 1, 0], [0, 0, 0, 0], [1, 1, 1, 1]])
+    affinity = torch.rand(3, nodes, nodes, generator=generator)  # not symmetric: columns matter
+    window = local_window_mask(*grid, radius)
+    dense = propagate_cams_per_threshold(cams, labels, random_walk_transition(affinity, window), (0.3, 0.6))
+    sparse = propagate_cams_in_window(cams, labels, affinity, (0.3, 0.6), radius=radius)
+    assert (dense - sparse).abs().max() <= TOLERANCE
+    expected = reference_propagate(cams, labels, affinity, window, 0.6)
+    assert (sparse[:, 1] - expected).abs().max() <= TOLERANCE
+
+
+def test_window_neighbours_list_the_window():
+    index, valid = local_window_neighbours(5, 7, 2)
+    mask = torch.zeros(35, 35, dtype=torch.bool)
+    mask[torch.arange(35)[:, None].expand_as(index)[valid], index[valid]] = True
+    assert torch.equal(mask, local_window_mask(5, 7, 2))
+    assert valid.sum(dim=1).eq(mask.sum(dim=1)).all()  # no node listed twice

@@ -1,5 +1,10 @@
 """The AFA method as pure, batched tensor functions (AFA.md §3–§8, §10)."""
-from afa.ops.affinity import affinity_labels_from_segmentation, affinity_loss, local_window_mask
+from afa.ops.affinity import (
+    affinity_labels_from_segmentation,
+    affinity_loss,
+    local_window_mask,
+    local_window_neighbours,
+)
 from afa.ops.boxes import resample_boxes_bilinear, valid_box_mask
 from afa.ops.cam import (
     CamFunction,
@@ -27,6 +32,8 @@ from afa.ops.par import (
 from afa.ops.random_walk import (
     propagate_cams,
     propagate_cams_for_evaluation,
+    propagate_cams_in_window,
+    propagate_cams_per_threshold,
     propagate_cams_with_affinity,
     random_walk_transition,
 )
@@ -43,6 +50,7 @@ __all__ = [
     "class_channel_index",
     "combine_threshold_labels",
     "local_window_mask",
+    "local_window_neighbours",
     "masked_softmax",
     "multi_scale_cam",
     "multilabel_soft_margin_loss",
@@ -52,6 +60,8 @@ __all__ = [
     "present_class_mask",
     "propagate_cams",
     "propagate_cams_for_evaluation",
+    "propagate_cams_in_window",
+    "propagate_cams_per_threshold",
     "propagate_cams_with_affinity",
     "random_walk_transition",
     "refine_cams_with_par",

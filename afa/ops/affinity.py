@@ -36,6 +36,35 @@ def local_window_mask(height: int, width: int, radius: int, device: torch.device
     return _window_mask(height, width, radius, torch.device(device))
 
 
+@functools.lru_cache(maxsize=16)
+def _window_neighbours(height: int, width: int, radius: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    index = torch.arange(height * width, device=device)
+    rows, cols = index // width, index % width
+    reach_rows, reach_cols = min(radius, height - 1), min(radius, width - 1)  # no slots beyond the grid
+    row_offsets = torch.arange(-reach_rows, reach_rows + 1, device=device)
+    col_offsets = torch.arange(-reach_cols, reach_cols + 1, device=device)
+    neighbour_rows = rows[:, None, None] + row_offsets[None, :, None]  # (N, 2r+1, 1)
+    neighbour_cols = cols[:, None, None] + col_offsets[None, None, :]  # (N, 1, 2r+1)
+    valid = (neighbour_rows >= 0) & (neighbour_rows < height) & (neighbour_cols >= 0) & (neighbour_cols < width)
+    flat = neighbour_rows.clamp(0, height - 1) * width + neighbour_cols.clamp(0, width - 1)
+    return flat.reshape(height * width, -1), valid.reshape(height * width, -1)
+
+
+def local_window_neighbours(
+    height: int, width: int, radius: int, device: torch.device | str = "cpu",
+) -> tuple[Tensor, Tensor]:
+    """The radius-r window as a neighbour list: the sparse form of `local_window_mask`.
+
+    Built once per (height, width, radius, device) and cached: treat it as read-only.
+
+    Returns:
+        index: (N, M) int64, node of each window slot (M = (2r'+1)², r' capped by the grid).
+        valid: (N, M) bool, False for slots that fall outside the grid (their index is a
+            clamped, in-range node).
+    """
+    return _window_neighbours(height, width, radius, torch.device(device))
+
+
 def affinity_labels_from_segmentation(
     labels: Tensor, grid_size: int | tuple[int, int], radius: int = 8,
     ignore_index: int = IGNORE_INDEX,

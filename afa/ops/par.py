@@ -77,65 +77,61 @@ def _padded_coordinates(length: int, pad: int, extents: Tensor | None, device: t
     return torch.minimum(coordinates, (extents[:, None] - 1).clamp_min(0))
 
 
-def _appearance_logits(padded: Tensor, offsets: list[tuple[int, int]], pad: int, w1: float) -> Tensor:
+def _appearance_logits(padded: Tensor, dilations: tuple[int, ...], pad: int, w1: float) -> Tensor:
     """a_k = mean over RGB of −(|I_k − I| / (σ_I + 1e-8) / w1)² (AFA.md §5).
 
-    Neighbours are views into the padded image, so the 48 of them are never stacked.
+    Neighbours are stacked one dilation (8 of them) at a time, never all 48 at once; a few
+    dozen kernels in all, so the GPU is not bound by launches.
 
     Args:
         padded: (B, 3, h + 2·pad, w + 2·pad) float32 replicate-padded image.
-        offsets: the n neighbour offsets.
-        pad: the padding (≥ every offset).
+        dilations: neighbour rings.
+        pad: the padding (≥ every dilation).
         w1: appearance temperature.
 
     Returns:
-        (B, n, h, w) float32.
+        (B, n, h, w) float32, n = 8 · len(dilations), neighbours in `neighbour_offsets` order.
     """
     height, width = padded.shape[2] - 2 * pad, padded.shape[3] - 2 * pad
 
-    def neighbour(dy: int, dx: int) -> Tensor:  # (B, 3, h, w) view
-        return padded[:, :, pad + dy:pad + dy + height, pad + dx:pad + dx + width]
+    def ring(d: int) -> Tensor:  # (B, 3, 8, h, w): the 8 neighbours at dilation d
+        return torch.stack([padded[:, :, pad + dy * d:pad + dy * d + height, pad + dx * d:pad + dx * d + width]
+                            for dy, dx in _DIRECTIONS], dim=2)
 
-    mean = torch.zeros_like(neighbour(0, 0))
-    for dy, dx in offsets:
-        mean.add_(neighbour(dy, dx))
-    mean.div_(len(offsets))
+    count = 8 * len(dilations)
+    mean = sum(ring(d).sum(dim=2) for d in dilations) / count
     # Two passes (mean, then squared deviations) as torch.std does: one-pass sums lose
     # precision in flat regions, where σ_I is small and divides the difference.
-    variance = torch.zeros_like(mean)
-    for dy, dx in offsets:
-        variance.add_((neighbour(dy, dx) - mean).square_())
-    scale = variance.div_(len(offsets) - 1).sqrt_().add_(1e-8)  # σ_I + 1e-8, unbiased
-    centre = neighbour(0, 0)
-    logits = padded.new_empty((padded.shape[0], len(offsets), height, width))
-    for k, (dy, dx) in enumerate(offsets):
-        difference = (neighbour(dy, dx) - centre).abs_().div_(scale).div_(w1)
-        logits[:, k] = difference.square_().neg_().mean(dim=1)
-    return logits
+    variance = sum((ring(d) - mean[:, :, None]).square_().sum(dim=2) for d in dilations)
+    scale = (variance / (count - 1)).sqrt_().add_(1e-8)[:, :, None]  # σ_I + 1e-8, unbiased
+    centre = padded[:, :, None, pad:pad + height, pad:pad + width]
+    logits = [(ring(d) - centre).abs_().div_(scale).div_(w1).square_().neg_().mean(dim=1) for d in dilations]
+    return torch.cat(logits, dim=1)
 
 
 def _neighbour_columns(
     rows: Tensor, cols: Tensor, offsets: list[tuple[int, int]], pad: int, height: int, width: int,
+    dtype: torch.dtype,
 ) -> Tensor:
     """Flat index (into B·h·w) of every pixel's n neighbours, replicate-clamped.
 
     Args:
         rows: (B, h + 2·pad) source row of each padded row.
         cols: (B, w + 2·pad) source column of each padded column.
+        dtype: index dtype (int32 keeps the (B, h, w, n) result at half the memory).
 
     Returns:
-        (B, h, w, n) int64.
+        (B, h, w, n) contiguous, in `dtype`.
     """
     device = rows.device
     batch = rows.shape[0]
     dy, dx = _offset_tensors(tuple(offsets), device)
-    row_positions = pad + dy[:, None] + torch.arange(height, device=device)[None]  # (n, h)
-    col_positions = pad + dx[:, None] + torch.arange(width, device=device)[None]  # (n, w)
-    neighbour_rows = rows[:, row_positions]  # (B, n, h)
-    neighbour_cols = cols[:, col_positions]  # (B, n, w)
-    flat = neighbour_rows[:, :, :, None] * width + neighbour_cols[:, :, None, :]  # (B, n, h, w)
-    flat = flat + (torch.arange(batch, device=device) * (height * width))[:, None, None, None]
-    return flat.permute(0, 2, 3, 1)
+    row_positions = pad + torch.arange(height, device=device)[:, None] + dy[None]  # (h, n)
+    col_positions = pad + torch.arange(width, device=device)[:, None] + dx[None]  # (w, n)
+    first_rows = (rows.to(dtype) * width + (torch.arange(batch, device=device, dtype=dtype) * (height * width))[:, None])
+    neighbour_rows = first_rows[:, row_positions]  # (B, h, n): flat index of the row start
+    neighbour_cols = cols.to(dtype)[:, col_positions]  # (B, w, n)
+    return neighbour_rows[:, :, None, :] + neighbour_cols[:, None, :, :]  # one pass in (B, h, w, n) layout
 
 
 def _par_operator(
@@ -148,7 +144,8 @@ def _par_operator(
         extents: (B, 2) int64 valid (height, width) at the top-left, or None for all.
 
     Returns:
-        sparse CSR float32; row p holds κ_k(p) at the column of p's k-th neighbour.
+        sparse CSR float32 (dense for inputs under 48 pixels); row p holds κ_k(p) at the
+        column of p's k-th neighbour.
     """
     batch, _, height, width = images.shape
     device = images.device
@@ -159,18 +156,21 @@ def _par_operator(
     rows, cols = rows.expand(batch, -1), cols.expand(batch, -1)
     padded = images.gather(2, rows[:, None, :, None].expand(batch, 3, -1, width))
     padded = padded.gather(3, cols[:, None, None, :].expand(batch, 3, padded.shape[2], -1))
-    kernel = torch.softmax(_appearance_logits(padded, offsets, pad, w1), dim=1)  # (B, n, h, w)
+    kernel = torch.softmax(_appearance_logits(padded, dilations, pad, w1), dim=1)  # (B, n, h, w)
     kernel = kernel.add_(_position_kernel(tuple(dilations), w1, w2, device)[None, :, None, None])
     values = kernel.permute(0, 2, 3, 1).reshape(-1)  # row-major (B, h, w, n)
-    columns = _neighbour_columns(rows, cols, offsets, pad, height, width).reshape(-1)
     size = batch * height * width
-    # 32-bit indices halve the index traffic of the product; fall back for huge inputs.
+    # 32-bit indices halve the index traffic of the product; 64-bit only for huge inputs.
     index_dtype = torch.int32 if values.numel() < 2**31 - 1 else torch.int64
+    columns = _neighbour_columns(rows, cols, offsets, pad, height, width, index_dtype).reshape(-1)
+    if size < len(offsets):  # tiny inputs: cuSPARSE rejects nnz > size², so sum duplicates densely
+        row_ids = torch.arange(size, device=device).repeat_interleave(len(offsets))
+        return torch.zeros(size, size, device=device).index_put_((row_ids, columns.long()), values, accumulate=True)
     row_starts = torch.arange(0, values.numel() + 1, len(offsets), device=device, dtype=index_dtype)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
         return torch.sparse_csr_tensor(
-            row_starts, columns.to(index_dtype), values, size=(size, size), check_invariants=False)
+            row_starts, columns, values, size=(size, size), check_invariants=False)
 
 
 def pixel_adaptive_refinement(
