@@ -42,7 +42,7 @@ from afa.data.datasets import (
 from afa.data.readers import write_index_mask
 from afa.data.transforms import TrainAugmentation
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 MANIFEST_NAME = "synthetic_manifest.json"
 SYNTHETIC_CLASSES: tuple[str, ...] = (
     "background", "anvil", "bucket", "candle", "dagger", "easel", "funnel", "goblet", "harp",
@@ -61,11 +61,15 @@ class SyntheticSpec:
         image_sizes: (H, W) choices; a small set so evaluation batches by size.
         object_count_probs: probability of 1, 2, 3, … objects.
         co_occurrence_prob: chance an added object takes the partner class of an earlier one.
-        body_radius_range: body major radius as a fraction of min(H, W).
+        body_radius_range: body major radius as a fraction of min(H, W), drawn
+            log-uniformly: small objects, which a CAM covers whole, and large ones, whose
+            body it misses.
         body_aspect_range: minor / major radius.
         min_body_minor_radius: in pixels.
         mark_fraction_range: mark radius as a fraction of the body's minor radius.
         min_mark_radius: in pixels (smaller marks were not learnable).
+        mark_halo: width of the mark's soft edge, blending into the body, as a fraction
+            of the mark radius (0: a hard edge).
         min_visible_fraction: share of an earlier body a later one may leave visible, at least.
         min_inside_fraction: share of a body that must lie inside the image.
         body_saturation_max, background_saturation_max: keep both far from the mark hues.
@@ -79,11 +83,12 @@ class SyntheticSpec:
     )
     object_count_probs: tuple[float, ...] = (0.45, 0.35, 0.20)
     co_occurrence_prob: float = 0.5
-    body_radius_range: tuple[float, float] = (0.16, 0.34)
+    body_radius_range: tuple[float, float] = (0.08, 0.34)
     body_aspect_range: tuple[float, float] = (0.55, 1.0)
     min_body_minor_radius: float = 12.0
     mark_fraction_range: tuple[float, float] = (0.32, 0.45)
     min_mark_radius: float = 5.0
+    mark_halo: float = 0.5
     min_visible_fraction: float = 0.45
     min_inside_fraction: float = 0.7
     body_saturation_max: float = 0.25
@@ -183,7 +188,8 @@ def _object_geometry(
         the major radius ``a``; None when the mark does not fit inside the body.
     """
     short_side = min(height, width)
-    major = rng.uniform(*spec.body_radius_range) * short_side
+    low, high = np.log(spec.body_radius_range)
+    major = float(np.exp(rng.uniform(low, high))) * short_side
     minor = max(major * rng.uniform(*spec.body_aspect_range), spec.min_body_minor_radius)
     major = max(major, minor)
     exponent = rng.uniform(1.7, 4.0)  # superellipse: diamond-ish (<2) to boxy (>2)
@@ -223,7 +229,10 @@ def _object_geometry(
     inner_body = cv2.erode(body.astype(np.uint8), np.ones((3, 3), np.uint8), iterations=2).astype(bool)
     if not mark.any() or (mark & ~inner_body).any():
         return None
-    return {"top": top, "left": left, "body": body, "mark": mark, "u": u, "v": v, "a": major}
+    return {
+        "top": top, "left": left, "body": body, "mark": mark, "u": u, "v": v, "a": major,
+        "mark_radius": mark_radius,
+    }
 
 
 def _clip_to_image(geometry: dict[str, Any], height: int, width: int) -> tuple[tuple[slice, slice], tuple[slice, slice]]:
@@ -272,7 +281,15 @@ def _paint_object(
     region[body] = (base + shading + grain)[body]
     hue = MARK_HUES[class_index - 1] + rng.uniform(-0.015, 0.015)
     mark_rgb = hsv_to_rgb(np.array([hue, rng.uniform(0.8, 1.0), rng.uniform(0.8, 1.0)], np.float32))
-    region[mark] = mark_rgb + rng.normal(0.0, 0.01, (int(mark.sum()), 3)).astype(np.float32)
+    mark_pixels = mark_rgb + rng.normal(0.0, 0.01, body.shape + (3,)).astype(np.float32)
+    if spec.mark_halo > 0:
+        # Soft edge: opacity 1 on the mark, falling off over the halo, only on the body.
+        sigma = spec.mark_halo * geometry["mark_radius"]
+        opacity = np.clip(2.0 * cv2.GaussianBlur(mark.astype(np.float32), (0, 0), sigma), 0.0, 1.0)
+        opacity = np.where(mark, 1.0, opacity * body)[..., None]
+        region[:] = region * (1 - opacity) + mark_pixels * opacity
+    else:
+        region[mark] = mark_pixels[mark]
 
 
 def _class_boundaries(class_map: np.ndarray) -> np.ndarray:
