@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -51,11 +52,14 @@ def rasterize_annotations(coco, annotations: list[dict], height: int, width: int
     mask = np.zeros((height, width), np.uint8)
     crowd = np.zeros((height, width), bool)
     instances = [ann for ann in annotations if not ann.get("iscrowd", 0)]
-    for ann in sorted(instances, key=lambda ann: -float(ann.get("area", 0.0))):
-        mask[coco.annToMask(ann).astype(bool)] = CATEGORY_TO_CLASS[ann["category_id"]]
-    for ann in annotations:
-        if ann.get("iscrowd", 0):
-            crowd |= coco.annToMask(ann).astype(bool)
+    with warnings.catch_warnings():
+        # pycocotools' decoder trips numpy 2's __array__(copy=...) deprecation; harmless.
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module="pycocotools")
+        for ann in sorted(instances, key=lambda ann: -float(ann.get("area", 0.0))):
+            mask[coco.annToMask(ann).astype(bool)] = CATEGORY_TO_CLASS[ann["category_id"]]
+        for ann in annotations:
+            if ann.get("iscrowd", 0):
+                crowd |= coco.annToMask(ann).astype(bool)
     mask[crowd & (mask == 0)] = IGNORE_INDEX
     return mask
 
