@@ -42,7 +42,7 @@ from afa.data.datasets import (
 from afa.data.readers import write_index_mask
 from afa.data.transforms import TrainAugmentation
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 MANIFEST_NAME = "synthetic_manifest.json"
 SYNTHETIC_CLASSES: tuple[str, ...] = (
     "background", "anvil", "bucket", "candle", "dagger", "easel", "funnel", "goblet", "harp",
@@ -83,7 +83,7 @@ class SyntheticSpec:
     )
     object_count_probs: tuple[float, ...] = (0.45, 0.35, 0.20)
     co_occurrence_prob: float = 0.5
-    body_radius_range: tuple[float, float] = (0.08, 0.34)
+    body_radius_range: tuple[float, float] = (0.1, 0.45)
     body_aspect_range: tuple[float, float] = (0.55, 1.0)
     min_body_minor_radius: float = 12.0
     mark_fraction_range: tuple[float, float] = (0.32, 0.45)
