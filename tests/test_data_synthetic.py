@@ -19,7 +19,7 @@ from afa.data import (
     read_mask,
 )
 from afa.data.__main__ import main as cli
-from afa.data.synthetic import DEFAULT_SPEC, MANIFEST_NAME, MARK_HUES, partner_class
+from afa.data.synthetic import DEFAULT_SPEC, GENERATOR_VERSION, MANIFEST_NAME, MARK_HUES, partner_class
 
 SMALL = {"num_train": 6, "num_val": 4, "num_test": 3, "workers": 1}
 
@@ -32,6 +32,23 @@ def test_generation_is_deterministic():
     assert not np.array_equal(generate_split_image(0, "val", 4).image[:8, :8], first.image[:8, :8])
     assert not np.array_equal(generate_split_image(1, "val", 3).image[:8, :8], first.image[:8, :8])
     assert not np.array_equal(generate_split_image(0, "test", 3).image[:8, :8], first.image[:8, :8])
+
+
+# (H, W), classes, foreground pixels, mean RGB sum of val images 0..4 at seed 0, version 3.
+FINGERPRINT = [
+    ((128, 192), (4,), 1244, 395), ((192, 128), (5, 6), 2870, 318), ((128, 192), (1, 2), 3416, 329),
+    ((128, 128), (1, 2), 5390, 451), ((160, 160), (8,), 1536, 365),
+]
+
+
+def test_generator_output_matches_its_version():
+    """A change to the generator's output must bump GENERATOR_VERSION (caches key on it)."""
+    assert GENERATOR_VERSION == 3, "update FINGERPRINT for the new version"
+    for index, (size, classes, foreground, mean_rgb_sum) in enumerate(FINGERPRINT):
+        sample = generate_split_image(0, "val", index)
+        assert sample.mask.shape == size and sample.classes == classes
+        assert abs(int(((sample.mask > 0) & (sample.mask < 255)).sum()) - foreground) <= 0.02 * foreground
+        assert abs(int(sample.image.astype(np.int64).sum()) // sample.mask.size - mean_rgb_sum) <= 2
 
 
 def test_labels_match_masks_and_values_are_in_range():

@@ -116,7 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check", help="validate a dataset and print per-class counts")
     check.add_argument("--layout", choices=["voc", "coco", "custom", "synthetic"], required=True)
-    check.add_argument("--root", required=True, help="VOC2012 folder, MSCOCO folder, images folder (custom) or synthetic cache")
+    check.add_argument(
+        "--root", required=True,
+        help="VOC2012 folder, MSCOCO folder, images folder (custom) or synthetic cache folder",
+    )
     check.add_argument("--split", help="split name (default val)")
     check.add_argument("--split-file", help="explicit list of image names")
     check.add_argument("--labels-file", help="image-level labels (JSON or CSV)")
@@ -131,13 +134,17 @@ def build_parser() -> argparse.ArgumentParser:
     coco.add_argument("--coco-root", required=True, help="folder with annotations/ and <split>2014/")
     coco.add_argument("--out", required=True, help="the MSCOCO folder to write")
     coco.add_argument("--split", required=True, help="train or val")
-    coco.add_argument("--annotations", help="instances json (default <coco-root>/annotations/instances_<split>2014.json)")
+    coco.add_argument(
+        "--annotations", help="instances json (default <coco-root>/annotations/instances_<split>2014.json)"
+    )
     coco.add_argument("--images", choices=["symlink", "copy", "none"], default="symlink")
     coco.add_argument("--no-progress", action="store_true")
     coco.set_defaults(run=_build_coco)
 
     synthetic = commands.add_parser("synthetic", help="pre-generate the synthetic benchmark")
-    synthetic.add_argument("--root", required=True, help="cache folder (the VOC layout goes to <root>/VOCdevkit/VOC2012)")
+    synthetic.add_argument(
+        "--root", required=True, help="cache folder (the VOC layout goes to <root>/VOCdevkit/VOC2012)"
+    )
     synthetic.add_argument("--seed", type=int, default=0)
     synthetic.add_argument("--num-train", type=int, default=2000)
     synthetic.add_argument("--num-val", type=int, default=500)

@@ -54,14 +54,15 @@ class CheckReport:
             header += f" {'in mask':>8} {'pixels %':>9}"
         lines.append(header)
         total_pixels = max(1, int(self.mask_pixels.sum())) if self.mask_pixels is not None else 1
+        percent = None if self.mask_pixels is None else 100.0 * self.mask_pixels / total_pixels
         for index, name in enumerate(self.class_names):
             labelled = "-" if index == 0 else str(int(self.labelled_images[index]))
             row = f"{index:>2} {name:<13} {labelled:>9}"
             if self.mask_images is not None:
-                row += f" {int(self.mask_images[index]):>8} {100 * self.mask_pixels[index] / total_pixels:>9.2f}"
+                row += f" {int(self.mask_images[index]):>8} {percent[index]:>9.2f}"
             lines.append(row)
         if self.mask_pixels is not None:
-            lines.append(f"   {'ignore (255)':<13} {'':>9} {'':>8} {100 * self.mask_pixels[-1] / total_pixels:>9.2f}")
+            lines.append(f"   {'ignore (255)':<13} {'':>9} {'':>8} {percent[-1]:>9.2f}")
         if self.label_mask_disagreements:
             examples = ", ".join(self.label_mask_disagreements[:5])
             lines.append(

@@ -138,7 +138,8 @@ def write_coco_fixture(root: str | Path, split: str = "val") -> Path:
         {"id": 3, "file_name": f"COCO_{split}2014_000000000003.jpg", "height": 20, "width": 20},
     ]
     for info in images:
-        Image.fromarray(np.full((info["height"], info["width"], 3), 90, np.uint8)).save(root / f"{split}2014" / info["file_name"])
+        pixels = np.full((info["height"], info["width"], 3), 90, np.uint8)
+        Image.fromarray(pixels).save(root / f"{split}2014" / info["file_name"])
 
     def rectangle(top: int, bottom: int, left: int, right: int) -> list[list[float]]:
         # Pixel-edge polygon covering rows top..bottom-1, cols left..right-1.

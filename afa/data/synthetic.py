@@ -134,25 +134,29 @@ def hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
     q = value * (1 - saturation * fraction)
     t = value * (1 - saturation * (1 - fraction))
     sector = sector.astype(np.int64) % 6
-    choices = [
-        np.stack(channels, axis=-1)
-        for channels in ((value, t, p), (q, value, p), (p, value, t), (p, q, value), (t, p, value), (value, p, q))
-    ]
+    sextants = ((value, t, p), (q, value, p), (p, value, t), (p, q, value), (t, p, value), (value, p, q))
+    choices = [np.stack(channels, axis=-1) for channels in sextants]
     return np.choose(sector[..., None], choices)
 
 
-def _smooth_noise(rng: np.random.Generator, height: int, width: int, cell: float, channels: int) -> np.ndarray:
+def _smooth_noise(
+    rng: np.random.Generator, height: int, width: int, cell: float, channels: int
+) -> np.ndarray:
     """Band-limited noise: a coarse normal grid upsampled bicubically, (H, W, channels)."""
     grid = rng.standard_normal(
         (max(2, math.ceil(height / cell) + 1), max(2, math.ceil(width / cell) + 1), channels)
     ).astype(np.float32)
-    return cv2.resize(grid, (width, height), interpolation=cv2.INTER_CUBIC).reshape(height, width, channels)
+    smooth = cv2.resize(grid, (width, height), interpolation=cv2.INTER_CUBIC)
+    return smooth.reshape(height, width, channels)
 
 
-def _background(rng: np.random.Generator, height: int, width: int, spec: SyntheticSpec) -> tuple[np.ndarray, float]:
+def _background(
+    rng: np.random.Generator, height: int, width: int, spec: SyntheticSpec
+) -> tuple[np.ndarray, float]:
     """Textured, low-saturation background. Returns (H, W, 3) float RGB and its base value."""
     base_value = float(rng.uniform(0.3, 0.75))
-    base = hsv_to_rgb(np.array([rng.random(), rng.uniform(0, spec.background_saturation_max), base_value], np.float32))
+    hue, saturation = rng.random(), rng.uniform(0, spec.background_saturation_max)
+    base = hsv_to_rgb(np.array([hue, saturation, base_value], np.float32))
     noise = _smooth_noise(rng, height, width, rng.uniform(6, 28), 3)
     luminance = noise[..., :1] * rng.uniform(0.04, 0.1)
     chroma = noise * rng.uniform(0.0, 0.03)
@@ -164,7 +168,8 @@ def _background(rng: np.random.Generator, height: int, width: int, spec: Synthet
         luminance = luminance + rng.uniform(0.03, 0.09) * np.sin(phase)[..., None]
     elif pattern == 2:
         across = (-cols * np.sin(angle) + rows * np.cos(angle)) * (2 * np.pi / period)
-        luminance = luminance + rng.uniform(0.03, 0.08) * (np.sign(np.sin(phase) * np.sin(across)))[..., None]
+        checks = np.sign(np.sin(phase) * np.sin(across))
+        luminance = luminance + rng.uniform(0.03, 0.08) * checks[..., None]
     grain = rng.normal(0.0, 0.02, (height, width, 1)).astype(np.float32)
     return base + luminance + chroma + grain, base_value
 
@@ -235,7 +240,9 @@ def _object_geometry(
     }
 
 
-def _clip_to_image(geometry: dict[str, Any], height: int, width: int) -> tuple[tuple[slice, slice], tuple[slice, slice]]:
+def _clip_to_image(
+    geometry: dict[str, Any], height: int, width: int
+) -> tuple[tuple[slice, slice], tuple[slice, slice]]:
     """(image slices, box slices) of the part of an object's box inside the image."""
     box_h, box_w = geometry["body"].shape
     top, left = geometry["top"], geometry["left"]
@@ -248,7 +255,8 @@ def _clip_to_image(geometry: dict[str, Any], height: int, width: int) -> tuple[t
 
 def _choose_classes(rng: np.random.Generator, spec: SyntheticSpec) -> list[int]:
     """Classes (1..C) of the objects to place, with partner co-occurrence."""
-    count = int(rng.choice(len(spec.object_count_probs), p=np.asarray(spec.object_count_probs) / sum(spec.object_count_probs))) + 1
+    probabilities = np.asarray(spec.object_count_probs) / sum(spec.object_count_probs)
+    count = int(rng.choice(len(probabilities), p=probabilities)) + 1
     classes = [int(rng.integers(1, NUM_SYNTHETIC_CLASSES + 1))]
     while len(classes) < count:
         if rng.random() < spec.co_occurrence_prob:
@@ -272,7 +280,8 @@ def _paint_object(
     body = geometry["body"][box_slices]
     mark = geometry["mark"][box_slices]
     value = _body_value(rng, background_value, spec.min_body_background_contrast)
-    base = hsv_to_rgb(np.array([rng.random(), rng.uniform(0, spec.body_saturation_max), value], np.float32))
+    hue, saturation = rng.random(), rng.uniform(0, spec.body_saturation_max)
+    base = hsv_to_rgb(np.array([hue, saturation, value], np.float32))
     angle = rng.uniform(0, 2 * np.pi)
     gradient = (geometry["u"] * np.cos(angle) + geometry["v"] * np.sin(angle)) / geometry["a"]
     shading = rng.uniform(0.02, 0.1) * gradient[box_slices][..., None]
@@ -329,9 +338,10 @@ def generate_image(seed: Sequence[int] | int, spec: SyntheticSpec = DEFAULT_SPEC
                     continue
                 if (protected[image_slices] & body).any():
                     continue
-                covered = np.bincount(instance_map[image_slices][body], minlength=len(placed_areas) + 1)[1:]
-                visible = np.bincount(instance_map.ravel(), minlength=len(placed_areas) + 1)[1:] - covered
-                if len(placed_areas) and (visible < spec.min_visible_fraction * np.asarray(placed_areas)).any():
+                slots = len(placed_areas) + 1
+                covered = np.bincount(instance_map[image_slices][body], minlength=slots)[1:]
+                visible = np.bincount(instance_map.ravel(), minlength=slots)[1:] - covered
+                if (visible < spec.min_visible_fraction * np.asarray(placed_areas, float)).any():
                     continue
                 _paint_object(rng, canvas, geometry, class_index, slices, background_value, spec)
                 instance_map[image_slices][body] = len(placed_classes) + 1
@@ -350,7 +360,9 @@ def generate_image(seed: Sequence[int] | int, spec: SyntheticSpec = DEFAULT_SPEC
     return SyntheticImage(image=image, mask=mask, classes=tuple(sorted(set(placed_classes))))
 
 
-def generate_split_image(seed: int, split: str, index: int, spec: SyntheticSpec = DEFAULT_SPEC) -> SyntheticImage:
+def generate_split_image(
+    seed: int, split: str, index: int, spec: SyntheticSpec = DEFAULT_SPEC
+) -> SyntheticImage:
     """Image ``index`` of ``split`` for a benchmark seed."""
     return generate_image(image_seed(seed, split, index), spec)
 
@@ -446,7 +458,8 @@ def _generate_into(
 ) -> None:
     for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
-    workers = workers or max(1, min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1))
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+    workers = workers or max(1, min(2, available))
     jobs = [
         (split, list(range(start, min(start + 100, count))))
         for split, count in split_sizes.items()
@@ -457,14 +470,19 @@ def _generate_into(
         for split, indices in jobs:
             labels.update(_write_chunk(str(folder), seed, split, indices, spec))
     else:
-        context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
-        with ProcessPoolExecutor(workers, mp_context=context) as pool:
-            futures = [pool.submit(_write_chunk, str(folder), seed, split, indices, spec) for split, indices in jobs]
+        # fork: workers need no re-import of torch (generation itself uses numpy and cv2)
+        start_method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(start_method)) as pool:
+            futures = [
+                pool.submit(_write_chunk, str(folder), seed, split, indices, spec)
+                for split, indices in jobs
+            ]
             for future in futures:
                 labels.update(future.result())
     for split, count in split_sizes.items():
         names = [image_name(split, index) for index in range(count)]
-        (folder / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("".join(f"{n}\n" for n in names))
+        listing = folder / "ImageSets" / "Segmentation" / f"{split}.txt"
+        listing.write_text("".join(f"{name}\n" for name in names))
     (folder / "cls_labels.json").write_text(json.dumps(labels, sort_keys=True))
 
 
@@ -539,7 +557,10 @@ class SyntheticTrainDataset(Dataset):
         }
 
 
-def _synthetic_files(root: str | Path, split: str, seed: int, num_train: int, num_val: int, num_test: int) -> dict[str, Any]:
+def _synthetic_files(
+    root: str | Path, split: str, seed: int, num_train: int, num_val: int, num_test: int
+) -> dict[str, Any]:
+    """Generate (or find) the benchmark and return the VOC dataset arguments for a split."""
     folder = prepare_synthetic(root, seed, num_train, num_val, num_test)
     return {
         "root": folder,
