@@ -339,7 +339,9 @@ class AFATrainer:
         if self.device.type == "cuda":
             scalars["memory/max_allocated_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         self.experiment.log_scalars(scalars, step=self.step)
-        LOG.info(progress.summary(**{k.split("/")[1]: v for k, v in scalars.items() if k.startswith("train/") and "loss" in k}))
+        line = progress.summary(**{k.split("/")[1]: v for k, v in scalars.items() if k.startswith("train/") and "loss" in k})
+        phases = " ".join(f"{phase}={t:.2f}s" for phase, t in self.timer.times.items())
+        LOG.info("%s | %s", line, phases)
 
     def _log_pictures(self, batch: dict, result: StepResult) -> None:
         if not result.pictures or not self.context.is_main:
