@@ -1,15 +1,16 @@
 """PAR, pixel-adaptive refinement, for a whole batch at once (AFA.md §5).
 
 Design. One PAR step, M ← Σ_k κ_k · M_k over 48 replicate-padded neighbours, is the same
-sparse linear map for every channel and iteration of an image. We build it once as a CSR
-matrix of size (B·h·w)², block-diagonal over images with 48 entries per row (column =
-flat index of the neighbour, value = κ_k), and apply it with one sparse-dense product per
-iteration to the channels-last masks (B·h·w, K'). This beats both padding + 48 shifted
-slices (48 full passes over the masks per iteration) and a gather of all neighbours (a
-48× copy of the masks: 1 GB at B=4, 256², K'=21): the product reads each mask row
-from cache and writes the result once. Replicate padding is a clamp of the neighbour's
-coordinates, so a per-image valid extent (AFA.md §7: PAR inside each valid box) is just a
-different clamp bound per image, with no loop and no difference to per-image PAR.
+sparse linear map for every channel and every iteration of an image. We build it once as a
+CSR matrix of size (B·h·w)², block-diagonal over images, 48 entries a row (column = flat
+index of the neighbour, value = κ_k), and apply it with one sparse-dense product per
+iteration to the channels-last masks (B·h·w, K'). Neither alternative does better:
+padding + 48 shifted slices makes 48 full passes over the masks per iteration (10
+iterations at B=4, 256², K'=21: 14 ms against 6.6 ms on an H100, and 2.5 s against 0.3 s
+on 2 CPU cores), and gathering all neighbours copies the masks 48 times (1 GB there).
+Replicate padding is a clamp of the neighbour's coordinates, so a per-image valid extent
+(AFA.md §7, PAR inside each valid box) is only a different clamp bound per image: no loop
+and no difference from PAR on the cropped image.
 """
 from __future__ import annotations
 
@@ -128,7 +129,8 @@ def _neighbour_columns(
     dy, dx = _offset_tensors(tuple(offsets), device)
     row_positions = pad + torch.arange(height, device=device)[:, None] + dy[None]  # (h, n)
     col_positions = pad + torch.arange(width, device=device)[:, None] + dx[None]  # (w, n)
-    first_rows = (rows.to(dtype) * width + (torch.arange(batch, device=device, dtype=dtype) * (height * width))[:, None])
+    image_starts = torch.arange(batch, device=device, dtype=dtype) * (height * width)
+    first_rows = rows.to(dtype) * width + image_starts[:, None]  # (B, h + 2·pad) flat index of row starts
     neighbour_rows = first_rows[:, row_positions]  # (B, h, n): flat index of the row start
     neighbour_cols = cols.to(dtype)[:, col_positions]  # (B, w, n)
     return neighbour_rows[:, :, None, :] + neighbour_cols[:, None, :, :]  # one pass in (B, h, w, n) layout
