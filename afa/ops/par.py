@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 from typing import Sequence
 
 import torch
@@ -26,6 +25,7 @@ from torch import Tensor
 from afa.ops.boxes import resample_boxes_bilinear, valid_box_mask
 from afa.ops.cam import combine_threshold_labels
 from afa.ops.classes import IGNORE_INDEX, class_channel_index, threshold_class_scores
+from afa.ops.sparse import fixed_width_csr, index_dtype_for
 
 DEFAULT_DILATIONS: tuple[int, ...] = (1, 2, 4, 8, 12, 24)
 # PAR runs on the image downsampled by this factor (AFA.md §5, §7).
@@ -162,17 +162,12 @@ def _par_operator(
     kernel = kernel.add_(_position_kernel(tuple(dilations), w1, w2, device)[None, :, None, None])
     values = kernel.permute(0, 2, 3, 1).reshape(-1)  # row-major (B, h, w, n)
     size = batch * height * width
-    # 32-bit indices halve the index traffic of the product; 64-bit only for huge inputs.
-    index_dtype = torch.int32 if values.numel() < 2**31 - 1 else torch.int64
-    columns = _neighbour_columns(rows, cols, offsets, pad, height, width, index_dtype).reshape(-1)
+    columns = _neighbour_columns(rows, cols, offsets, pad, height, width, index_dtype_for(values.numel()))
+    columns = columns.reshape(-1)
     if size < len(offsets):  # tiny inputs: cuSPARSE rejects nnz > size², so sum duplicates densely
         row_ids = torch.arange(size, device=device).repeat_interleave(len(offsets))
         return torch.zeros(size, size, device=device).index_put_((row_ids, columns.long()), values, accumulate=True)
-    row_starts = torch.arange(0, values.numel() + 1, len(offsets), device=device, dtype=index_dtype)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        return torch.sparse_csr_tensor(
-            row_starts, columns, values, size=(size, size), check_invariants=False)
+    return fixed_width_csr(columns, values, size)
 
 
 def pixel_adaptive_refinement(

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Sequence
 
 import torch
@@ -14,6 +13,7 @@ from afa.ops.boxes import valid_box_mask
 from afa.ops.cam import combine_threshold_labels
 from afa.ops.classes import IGNORE_INDEX, class_channel_index, threshold_class_scores
 from afa.ops.par import DEFAULT_DILATIONS, pixel_adaptive_refinement_in_boxes
+from afa.ops.sparse import fixed_width_csr, index_dtype_for
 
 
 def random_walk_transition(affinity: Tensor, window: Tensor, power: int = 2) -> Tensor:
@@ -79,14 +79,10 @@ def _propagate_in_window(
         if power != 1:
             weights.pow_(power)
         column_sums = weights.sum(dim=2)  # (B, N): Σ_i W_ij
-        index_dtype = torch.int32 if weights.numel() < 2**31 - 1 else torch.int64
-        columns = neighbours[None] + (torch.arange(batch, device=device) * nodes)[:, None, None]
-        row_starts = torch.arange(0, weights.numel() + 1, slots, device=device, dtype=index_dtype)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-            transposed = torch.sparse_csr_tensor(  # Wᵀ, block-diagonal over images
-                row_starts, columns.flatten().to(index_dtype), weights.flatten(),
-                size=(batch * nodes, batch * nodes), check_invariants=False)
+        columns = neighbours[None] + (torch.arange(batch, device=device) * nodes)[:, None, None]  # (B, N, M)
+        # Wᵀ, block-diagonal over images: row j lists column j of W.
+        transposed = fixed_width_csr(
+            columns.flatten().to(index_dtype_for(weights.numel())), weights.flatten(), batch * nodes)
         state = scores.flatten(1, 2).transpose(1, 2).reshape(batch * nodes, rows)  # (B·N, t·K') Xᵀ
         propagated = (transposed @ state).view(batch, nodes, rows) / (column_sums[:, :, None] + 0.1)
     return propagated.transpose(1, 2).reshape(scores.shape)
