@@ -341,6 +341,8 @@ class AFATrainer:
         self.experiment.log_scalars(scalars, step=self.step)
         line = progress.summary(**{k.split("/")[1]: v for k, v in scalars.items() if k.startswith("train/") and "loss" in k})
         phases = " ".join(f"{phase}={t:.2f}s" for phase, t in self.timer.times.items())
+        if "memory/max_allocated_gib" in scalars:
+            phases += f" | peak memory {scalars['memory/max_allocated_gib']:.1f} GiB"
         LOG.info("%s | %s", line, phases)
 
     def _log_pictures(self, batch: dict, result: StepResult) -> None:
