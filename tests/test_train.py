@@ -95,6 +95,8 @@ def test_end_to_end_run(synthetic_root, tmp_path, recorder):
     pictures = recorder.images[3]
     assert {"train/input", "train/cam", "train/refined_label", "train/propagated_label",
             "train/prediction_label", "train/attention_affinity"} <= set(pictures)
+    input_size = pictures["train/input"][0][0].shape[:2]
+    assert pictures["train/prediction_label"].shape[:2] == input_size == pictures["train/refined_label"].shape[:2]
     state = torch.load(summary["checkpoint"], weights_only=True)
     assert state["step"] == 6 and state["config"]["train"]["max_iters"] == 6
 

@@ -283,7 +283,10 @@ class AFATrainer:
                 if picture_step:
                     result.pictures = {
                         **{k: v[:1] for k, v in pseudo.items()},
-                        "prediction": output.seg_logits[:1].detach().argmax(dim=1),
+                        "prediction": F.interpolate(
+                            output.seg_logits[:1].detach().float(), size=images.shape[-2:], mode="bilinear",
+                            align_corners=False,
+                        ).argmax(dim=1),
                         "affinity": output.affinity[:1].detach().float(),
                     }
         self._check_finite(result.losses, batch["name"])
