@@ -159,14 +159,14 @@ class AFATrainer:
 
     def _wrap(self, network: AFANetwork) -> torch.nn.Module:
         model: torch.nn.Module = network
-        if self.cfg.train.compile:
-            model = torch.compile(model)
         if self.context.world_size > 1:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             # The classification-only phase leaves the decoder and affinity head unused.
             model = DistributedDataParallel(
                 model, device_ids=device_ids, find_unused_parameters=int(self.method.cam_iters) > self.step
             )
+        if self.cfg.train.compile:
+            model = torch.compile(model)  # after DDP, as torch's DDP + compile notes advise
         return model
 
     def _resume(self) -> None:
