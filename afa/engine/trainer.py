@@ -219,9 +219,10 @@ class AFATrainer:
 
     # ---------------------------------------------------------------- one iteration
     def _pseudo_labels(
-        self, images: Tensor, labels: Tensor, boxes: Tensor, propagate: bool, max_classes: int | None
+        self, images: Tensor, labels: Tensor, boxes: Tensor, propagate: int, max_classes: int | None
     ) -> dict[str, Tensor]:
-        """CAMs → PAR-refined label (§5) and, when asked, the propagated label (§7); no gradients.
+        """CAMs → PAR-refined label (§5) and the propagated label (§7) of the first
+        ``propagate`` images (0: none); no gradients.
 
         ``max_classes`` (most foreground classes in any image, read from the CPU labels) lets
         PAR refine 1 + that many channels instead of all K.
@@ -234,7 +235,9 @@ class AFATrainer:
             # CAMs from the deterministic network: stochastic depth would only add noise.
             self.network.eval()
             try:
-                cams, affinity = multi_scale_cam(self.network.forward_cam, images, tuple(cam.scales), with_affinity=propagate)
+                cams, affinity = multi_scale_cam(
+                    self.network.forward_cam, images, tuple(cam.scales), with_affinity=propagate > 0
+                )
             finally:
                 self.network.train()
             self.timer.mark("cam")
@@ -244,8 +247,10 @@ class AFATrainer:
             )
             result = {"cams": cams, "refined": refined}
             if propagate:
+                first = slice(0, propagate)
                 result["propagated"] = propagate_cams_with_affinity(
-                    cams, labels, affinity, images, boxes, (float(cam.low_thre), float(cam.high_thre)),
+                    cams[first], labels[first], affinity[first], images[first], boxes[first],
+                    (float(cam.low_thre), float(cam.high_thre)),
                     radius=int(self.method.affinity.radius), max_classes_per_image=max_classes, **par_options,
                 )
             self.timer.mark("labels")
@@ -263,10 +268,12 @@ class AFATrainer:
                 cls_loss = multilabel_soft_margin_loss(output.class_logits.float(), labels)
                 result = StepResult({"loss": cls_loss, "cls_loss": cls_loss})
                 if picture_step:
-                    result.pictures = self._pseudo_labels(images[:1], labels[:1], boxes[:1], False, max_classes)
+                    result.pictures = self._pseudo_labels(images[:1], labels[:1], boxes[:1], 0, max_classes)
             else:
                 use_propagated = self.step >= int(self.method.switch_iters)
-                pseudo = self._pseudo_labels(images, labels, boxes, use_propagated or picture_step, max_classes)
+                # The propagated label of image 0 alone when it is only for the logged picture.
+                propagate = images.shape[0] if use_propagated else int(picture_step)
+                pseudo = self._pseudo_labels(images, labels, boxes, propagate, max_classes)
                 output = self.model(images)
                 target = pseudo["propagated"] if use_propagated else pseudo["refined"]
                 cls_loss = multilabel_soft_margin_loss(output.class_logits.float(), labels)
