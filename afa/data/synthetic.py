@@ -21,9 +21,9 @@ import multiprocessing
 import os
 import shutil
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +70,16 @@ class SyntheticSpec:
         min_mark_radius: in pixels (smaller marks were not learnable).
         mark_halo: width of the mark's soft edge, blending into the body, as a fraction
             of the mark radius (0: a hard edge).
+        mark_tint: (instead of the halo, when > 0) the class hue tints the body around the
+            mark, fading along a raised cosine over this many mark radii.
+        mark_hue_offset, mark_radius_px, mark_contrast, mark_on_rim, mark_rim_depth,
+            radial_shading, plate_width: variants measured in docs/synthetic.md (hue
+            circle rotated; mark radius in pixels, capped at mark_fraction_range[1] of the
+            minor radius; mark as a chroma offset of this size on the body; mark on the
+            body's outline, sunk this many radii; body brightness sloping away from the
+            mark; a neutral plate this many mark radii wide around the mark). All off by
+            default.
+        neutral_rgb: the RGB balance of the greys of backgrounds and bodies.
         min_visible_fraction: share of an earlier body a later one may leave visible, at least.
         min_inside_fraction: share of a body that must lie inside the image.
         body_saturation_max, background_saturation_max: keep both far from the mark hues.
@@ -89,6 +99,15 @@ class SyntheticSpec:
     mark_fraction_range: tuple[float, float] = (0.32, 0.45)
     min_mark_radius: float = 5.0
     mark_halo: float = 0.5
+    mark_tint: float = 0.0
+    mark_hue_offset: float = 0.0
+    mark_radius_px: tuple[float, float] | None = None
+    mark_contrast: float = 0.0
+    mark_on_rim: bool = False
+    mark_rim_depth: float = 0.4
+    radial_shading: float = 0.0
+    plate_width: float = 0.0
+    neutral_rgb: tuple[float, float, float] = (1.0, 1.0, 1.0)
     min_visible_fraction: float = 0.45
     min_inside_fraction: float = 0.7
     body_saturation_max: float = 0.25
@@ -109,6 +128,18 @@ class SyntheticImage:
     image: np.ndarray
     mask: np.ndarray
     classes: tuple[int, ...]
+
+
+def as_spec(spec: SyntheticSpec | Mapping[str, Any] | None) -> SyntheticSpec:
+    """A spec from a ``SyntheticSpec``, a mapping of overrides of the defaults (e.g. from a
+    config file; lists become tuples), or None (the defaults)."""
+    if spec is None:
+        return DEFAULT_SPEC
+    if isinstance(spec, SyntheticSpec):
+        return spec
+    def frozen(value: Any) -> Any:
+        return tuple(frozen(item) for item in value) if isinstance(value, (list, tuple)) else value
+    return replace(DEFAULT_SPEC, **{key: frozen(value) for key, value in spec.items()})
 
 
 def partner_class(class_index: int) -> int:
@@ -139,6 +170,12 @@ def hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
     return np.choose(sector[..., None], choices)
 
 
+def _neutral(spec: SyntheticSpec) -> np.ndarray:
+    """The RGB balance of grey (mean 1)."""
+    neutral = np.asarray(spec.neutral_rgb, np.float32)
+    return neutral / neutral.mean()
+
+
 def _smooth_noise(
     rng: np.random.Generator, height: int, width: int, cell: float, channels: int
 ) -> np.ndarray:
@@ -156,7 +193,7 @@ def _background(
     """Textured, low-saturation background. Returns (H, W, 3) float RGB and its base value."""
     base_value = float(rng.uniform(0.3, 0.75))
     hue, saturation = rng.random(), rng.uniform(0, spec.background_saturation_max)
-    base = hsv_to_rgb(np.array([hue, saturation, base_value], np.float32))
+    base = hsv_to_rgb(np.array([hue, saturation, base_value], np.float32)) * _neutral(spec)
     noise = _smooth_noise(rng, height, width, rng.uniform(6, 28), 3)
     luminance = noise[..., :1] * rng.uniform(0.04, 0.1)
     chroma = noise * rng.uniform(0.0, 0.03)
@@ -204,6 +241,8 @@ def _object_geometry(
     center_col = rng.uniform(0.1 * width, 0.9 * width)
 
     extent = int(math.ceil(major * (1 + wobble))) + 2
+    if spec.mark_on_rim:  # room for a mark that sticks out of the body
+        extent += int(math.ceil(spec.mark_fraction_range[1] * minor)) + 2
     top, left = int(round(center_row)) - extent, int(round(center_col)) - extent
     rows, cols = np.mgrid[top : top + 2 * extent + 1, left : left + 2 * extent + 1].astype(np.float32)
     drow, dcol = rows - center_row, cols - center_col
@@ -214,8 +253,22 @@ def _object_geometry(
     body = radius <= boundary
 
     mark_radius = max(rng.uniform(*spec.mark_fraction_range) * minor, spec.min_mark_radius)
+    if spec.mark_radius_px is not None:  # a size in pixels, whatever the body's, within a cap
+        low_px, high_px = np.log(spec.mark_radius_px)
+        mark_radius = min(float(np.exp(rng.uniform(low_px, high_px))), spec.mark_fraction_range[1] * minor)
+        mark_radius = max(mark_radius, spec.min_mark_radius)
     offset_u = rng.uniform(-1, 1) * max(0.0, 0.55 * (major - mark_radius))
     offset_v = rng.uniform(-1, 1) * max(0.0, 0.55 * (minor - mark_radius))
+    if spec.mark_on_rim:
+        # On the body's outline at a random angle, sunk mark_rim_depth radii into the body.
+        theta = rng.uniform(0, 2 * np.pi)
+        steps = np.linspace(0.0, major * (1 + wobble) + 1, 256, dtype=np.float32)
+        ru, rv = steps * np.cos(theta), steps * np.sin(theta)
+        inside = ((np.abs(ru / major) ** exponent + np.abs(rv / minor) ** exponent) ** (1 / exponent)
+                  <= 1 + wobble * np.sin(lobes * np.arctan2(rv / minor, ru / major) + lobe_phase))
+        edge = steps[int(np.flatnonzero(inside)[-1])]
+        depth = max(edge - spec.mark_rim_depth * mark_radius, 0.0)
+        offset_u, offset_v = depth * np.cos(theta), depth * np.sin(theta)
     mark_angle = rng.uniform(0, 2 * np.pi)
     mu, mv = u - offset_u, v - offset_v
     x = mu * np.cos(mark_angle) + mv * np.sin(mark_angle)
@@ -231,12 +284,21 @@ def _object_geometry(
         side = 1.35 * mark_radius  # inradius-based equilateral triangle
         mark = (y <= 0.5 * side) & (np.sqrt(3) * x - y <= side) & (-np.sqrt(3) * x - y <= side)
     # A ring of body must surround the mark, so the mark never touches the background.
-    inner_body = cv2.erode(body.astype(np.uint8), np.ones((3, 3), np.uint8), iterations=2).astype(bool)
-    if not mark.any() or (mark & ~inner_body).any():
-        return None
+    plate = mark
+    if spec.plate_width > 0 and mark.any():
+        distance = cv2.distanceTransform((~mark).astype(np.uint8), cv2.DIST_L2, 5)
+        plate = distance <= spec.plate_width * mark_radius
+    if spec.mark_on_rim:
+        if not mark.any():
+            return None
+        body = body | mark
+    else:
+        inner_body = cv2.erode(body.astype(np.uint8), np.ones((3, 3), np.uint8), iterations=2).astype(bool)
+        if not mark.any() or (plate & ~inner_body).any():
+            return None
     return {
         "top": top, "left": left, "body": body, "mark": mark, "u": u, "v": v, "a": major,
-        "mark_radius": mark_radius,
+        "mark_radius": mark_radius, "mark_u": offset_u, "mark_v": offset_v, "plate": plate,
     }
 
 
@@ -281,17 +343,46 @@ def _paint_object(
     mark = geometry["mark"][box_slices]
     value = _body_value(rng, background_value, spec.min_body_background_contrast)
     hue, saturation = rng.random(), rng.uniform(0, spec.body_saturation_max)
-    base = hsv_to_rgb(np.array([hue, saturation, value], np.float32))
+    base = hsv_to_rgb(np.array([hue, saturation, value], np.float32)) * _neutral(spec)
     angle = rng.uniform(0, 2 * np.pi)
     gradient = (geometry["u"] * np.cos(angle) + geometry["v"] * np.sin(angle)) / geometry["a"]
     shading = rng.uniform(0.02, 0.1) * gradient[box_slices][..., None]
+    if spec.radial_shading > 0:
+        # Brightness falls (or rises) with the distance from the mark: the body is a smooth
+        # slope everywhere, class-independent.
+        distance = np.hypot(geometry["u"] - geometry["mark_u"], geometry["v"] - geometry["mark_v"])
+        distance = distance / max(float(distance[geometry["body"]].max()), 1.0)
+        sign = 1.0 if value < 0.5 else -1.0
+        shading = sign * spec.radial_shading * rng.uniform(0.8, 1.0) * (distance[box_slices][..., None] - 0.5)
     grain = rng.normal(0.0, 0.012, body.shape + (1,)).astype(np.float32)
     region = canvas[image_slices]
     region[body] = (base + shading + grain)[body]
-    hue = MARK_HUES[class_index - 1] + rng.uniform(-0.015, 0.015)
+    if spec.plate_width > 0:
+        plate = geometry["plate"][box_slices]
+        plate_value = _body_value(rng, value, 0.15)
+        plate_hsv = [rng.random(), rng.uniform(0, spec.body_saturation_max), plate_value]
+        plate_rgb = hsv_to_rgb(np.array(plate_hsv, np.float32))
+        region[plate] = (plate_rgb + grain)[plate]
+    hue = MARK_HUES[class_index - 1] + spec.mark_hue_offset + rng.uniform(-0.015, 0.015)
     mark_rgb = hsv_to_rgb(np.array([hue, rng.uniform(0.8, 1.0), rng.uniform(0.8, 1.0)], np.float32))
     mark_pixels = mark_rgb + rng.normal(0.0, 0.01, body.shape + (3,)).astype(np.float32)
-    if spec.mark_halo > 0:
+    if spec.mark_contrast > 0:
+        # A chroma offset on the body (same shading and grain, same mean brightness): the
+        # class hue, |offset| at most mark_contrast in any channel.
+        pure = hsv_to_rgb(np.array([hue, 1.0, 1.0], np.float32))
+        direction = pure - pure.mean()
+        offset = spec.mark_contrast * rng.uniform(0.85, 1.0) * direction / np.abs(direction).max()
+        mark_pixels = region + offset
+    if spec.mark_tint > 0:
+        # The class hue tints the body around the core: opacity 1 at the core's edge, falling
+        # to 0 along a raised cosine over mark_tint × the mark radius; no step anywhere.
+        reach = spec.mark_tint * geometry["mark_radius"]
+        outside = (~geometry["mark"]).astype(np.uint8)
+        distance = cv2.distanceTransform(outside, cv2.DIST_L2, 5)[box_slices]
+        opacity = 0.5 * (1 + np.cos(np.pi * np.clip(distance / reach, 0.0, 1.0)))
+        opacity = (opacity * body)[..., None]
+        region[:] = region * (1 - opacity) + mark_pixels * opacity
+    elif spec.mark_halo > 0:
         # Soft edge: opacity 1 on the mark, falling off over the halo, only on the body.
         sigma = spec.mark_halo * geometry["mark_radius"]
         opacity = np.clip(2.0 * cv2.GaussianBlur(mark.astype(np.float32), (0, 0), sigma), 0.0, 1.0)
@@ -315,11 +406,23 @@ def _class_boundaries(class_map: np.ndarray) -> np.ndarray:
 
 def generate_image(seed: Sequence[int] | int, spec: SyntheticSpec = DEFAULT_SPEC) -> SyntheticImage:
     """Generate one image, its mask and its labels, deterministically from ``seed``."""
+    return _render(seed, spec)[0]
+
+
+def _render(seed: Sequence[int] | int, spec: SyntheticSpec) -> tuple[SyntheticImage, dict[str, Any]]:
+    """:func:`generate_image` plus the scene's parts, for analysis (never in dataset samples).
+
+    Returns:
+        the image and ``{"instances": (H, W) int8 top-most object (0: background),
+        "marks": (H, W) int8 object whose mark core covers the pixel, "classes": class
+        of object i + 1}``.
+    """
     rng = np.random.default_rng(seed)
     height, width = spec.image_sizes[int(rng.integers(len(spec.image_sizes)))]
     while True:  # redraw in the (rare) case no object could be placed
         canvas, background_value = _background(rng, height, width, spec)
         instance_map = np.zeros((height, width), np.int8)  # 0 = background, i = object i
+        mark_map = np.zeros((height, width), np.int8)
         protected = np.zeros((height, width), bool)  # marks (dilated): nothing may cover them
         placed_classes: list[int] = []
         placed_areas: list[int] = []
@@ -345,6 +448,7 @@ def generate_image(seed: Sequence[int] | int, spec: SyntheticSpec = DEFAULT_SPEC
                     continue
                 _paint_object(rng, canvas, geometry, class_index, slices, background_value, spec)
                 instance_map[image_slices][body] = len(placed_classes) + 1
+                mark_map[image_slices][mark] = len(placed_classes) + 1
                 dilated = cv2.dilate(mark.astype(np.uint8), np.ones((7, 7), np.uint8)).astype(bool)
                 protected[image_slices] |= dilated
                 placed_classes.append(class_index)
@@ -357,7 +461,8 @@ def generate_image(seed: Sequence[int] | int, spec: SyntheticSpec = DEFAULT_SPEC
     if spec.ignore_border:
         mask[_class_boundaries(class_map)] = IGNORE_INDEX
     image = np.clip(np.rint(canvas * 255.0), 0, 255).astype(np.uint8)
-    return SyntheticImage(image=image, mask=mask, classes=tuple(sorted(set(placed_classes))))
+    parts = {"instances": instance_map, "marks": mark_map, "classes": placed_classes}
+    return SyntheticImage(image=image, mask=mask, classes=tuple(sorted(set(placed_classes)))), parts
 
 
 def generate_split_image(
@@ -517,6 +622,7 @@ class SyntheticTrainDataset(Dataset):
         length: virtual number of distinct training images.
         crop_size, scale_range, flip_prob, ignore_index: augmentation (AFA.md §9).
         return_mask: also return the crop's ground-truth mask.
+        spec: generator parameters (a ``SyntheticSpec`` or a mapping of overrides).
     """
 
     class_names = SYNTHETIC_CLASSES
@@ -531,8 +637,10 @@ class SyntheticTrainDataset(Dataset):
         flip_prob: float = 0.5,
         ignore_index: int = IGNORE_INDEX,
         return_mask: bool = False,
+        spec: SyntheticSpec | Mapping[str, Any] | None = None,
     ) -> None:
         self.seed = int(seed)
+        self.spec = as_spec(spec)
         self.length = int(length)
         self.augmentation = TrainAugmentation(crop_size, scale_range, flip_prob, ignore_index)
         self.return_mask = bool(return_mask)
@@ -546,7 +654,7 @@ class SyntheticTrainDataset(Dataset):
             raise IndexError(f"index {index} outside the synthetic train set of {self.length}")
         if sample_seed is None:
             sample_seed = int(torch.randint(0, 2**62, ()).item())
-        sample = generate_split_image(self.seed, "train", index)
+        sample = generate_split_image(self.seed, "train", index, self.spec)
         augmented = self.augmentation(
             sample.image, np.random.default_rng(sample_seed), sample.mask if self.return_mask else None
         )
@@ -558,10 +666,11 @@ class SyntheticTrainDataset(Dataset):
 
 
 def _synthetic_files(
-    root: str | Path, split: str, seed: int, num_train: int, num_val: int, num_test: int
+    root: str | Path, split: str, seed: int, num_train: int, num_val: int, num_test: int,
+    spec: SyntheticSpec | Mapping[str, Any] | None,
 ) -> dict[str, Any]:
     """Generate (or find) the benchmark and return the VOC dataset arguments for a split."""
-    folder = prepare_synthetic(root, seed, num_train, num_val, num_test)
+    folder = prepare_synthetic(root, seed, num_train, num_val, num_test, spec=as_spec(spec))
     return {
         "root": folder,
         "split_file": folder / "ImageSets" / "Segmentation" / f"{split}.txt",
@@ -587,11 +696,12 @@ class SyntheticDiskTrainDataset(VOCTrainDataset):
         flip_prob: float = 0.5,
         ignore_index: int = IGNORE_INDEX,
         return_mask: bool = False,
+        spec: SyntheticSpec | Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(
             split=split, crop_size=crop_size, scale_range=scale_range, flip_prob=flip_prob,
             ignore_index=ignore_index, return_mask=return_mask,
-            **_synthetic_files(root, split, seed, num_train, num_val, num_test),
+            **_synthetic_files(root, split, seed, num_train, num_val, num_test, spec),
         )
 
 
@@ -609,10 +719,11 @@ class SyntheticEvalDataset(VOCEvalDataset):
         with_masks: bool = True,
         with_labels: bool = True,
         ignore_index: int = IGNORE_INDEX,
+        spec: SyntheticSpec | Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(
             split=split, with_masks=with_masks, with_labels=with_labels, ignore_index=ignore_index,
-            **_synthetic_files(root, split, seed, num_train, num_val, num_test),
+            **_synthetic_files(root, split, seed, num_train, num_val, num_test, spec),
         )
 
 
