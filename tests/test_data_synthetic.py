@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import cv2
 import numpy as np
@@ -19,7 +20,17 @@ from afa.data import (
     read_mask,
 )
 from afa.data.__main__ import main as cli
-from afa.data.synthetic import DEFAULT_SPEC, GENERATOR_VERSION, MANIFEST_NAME, MARK_HUES, partner_class
+from afa.data.synthetic import (
+    DEFAULT_SPEC,
+    GENERATOR_VERSION,
+    MANIFEST_NAME,
+    MARK_HUES,
+    _render,
+    as_spec,
+    image_seed,
+    partner_class,
+)
+from afa.data.transforms import IMAGENET_MEAN
 
 SMALL = {"num_train": 6, "num_val": 4, "num_test": 3, "workers": 1}
 
@@ -34,21 +45,32 @@ def test_generation_is_deterministic():
     assert not np.array_equal(generate_split_image(0, "test", 3).image[:8, :8], first.image[:8, :8])
 
 
-# (H, W), classes, foreground pixels, mean RGB sum of val images 0..4 at seed 0, version 3.
+# (H, W), classes, foreground pixels, mean R, G, B, saturated pixels (HSV S > 0.7, V > 0.6)
+# of val images 0..4 at seed 0, version 5.
 FINGERPRINT = [
-    ((128, 192), (4,), 1244, 395), ((192, 128), (5, 6), 2870, 318), ((128, 192), (1, 2), 3416, 329),
-    ((128, 128), (1, 2), 5390, 451), ((160, 160), (8,), 1536, 365),
+    ((128, 192), (4,), 1244, (145, 120, 127), 285),
+    ((192, 128), (5, 6), 2870, (106, 113, 91), 1005),
+    ((128, 192), (1, 2), 3416, (128, 107, 93), 1457),
+    ((128, 128), (1, 2), 5390, (176, 156, 110), 1585),
+    ((160, 160), (8,), 1536, (126, 124, 111), 534),
 ]
+
+
+def _saturated(image: np.ndarray) -> np.ndarray:
+    hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV_FULL).astype(np.float32) / 255.0
+    return (hsv[..., 1] > 0.7) & (hsv[..., 2] > 0.6)
 
 
 def test_generator_output_matches_its_version():
     """A change to the generator's output must bump GENERATOR_VERSION (caches key on it)."""
-    assert GENERATOR_VERSION == 3, "update FINGERPRINT for the new version"
-    for index, (size, classes, foreground, mean_rgb_sum) in enumerate(FINGERPRINT):
+    assert GENERATOR_VERSION == 5, "update FINGERPRINT for the new version"
+    for index, (size, classes, foreground, mean_rgb, saturated) in enumerate(FINGERPRINT):
         sample = generate_split_image(0, "val", index)
         assert sample.mask.shape == size and sample.classes == classes
         assert abs(int(((sample.mask > 0) & (sample.mask < 255)).sum()) - foreground) <= 0.02 * foreground
-        assert abs(int(sample.image.astype(np.int64).sum()) // sample.mask.size - mean_rgb_sum) <= 2
+        means = sample.image.reshape(-1, 3).astype(np.float64).mean(axis=0)
+        assert np.abs(means - np.asarray(mean_rgb)).max() <= 1.0
+        assert abs(int(_saturated(sample.image).sum()) - saturated) <= 0.05 * saturated
 
 
 def test_labels_match_masks_and_values_are_in_range():
@@ -69,19 +91,55 @@ def test_labels_match_masks_and_values_are_in_range():
 
 
 def test_each_object_carries_its_class_hue_and_a_larger_neutral_body():
+    plain_shares = []
     for index in range(15):
-        sample = generate_split_image(0, "val", index)
+        sample, parts = _render(image_seed(0, "val", index), DEFAULT_SPEC)
         hsv = cv2.cvtColor(sample.image, cv2.COLOR_RGB2HSV_FULL).astype(np.float32) / 255.0
-        for class_index in sample.classes:
-            region = sample.mask == class_index
-            saturated = region & (hsv[..., 1] > 0.7) & (hsv[..., 2] > 0.6)
-            assert saturated.sum() >= 40, "the mark is visible"
-            assert saturated.sum() < 0.6 * region.sum(), "the body is larger than the mark"
-            hue = hsv[..., 0][saturated]
-            distance = np.abs((hue - MARK_HUES[class_index - 1] + 0.5) % 1.0 - 0.5)
+        for obj, class_index in enumerate(parts["classes"], start=1):
+            body, core = parts["instances"] == obj, parts["marks"] == obj
+            assert core.sum() >= 40, "the mark is visible"
+            assert core.sum() < 0.3 * body.sum(), "the body is much larger than the mark"
+            assert (hsv[..., 1][core] > 0.7).mean() > 0.9, "the mark is saturated"
+            distance = np.abs((hsv[..., 0][core] - MARK_HUES[class_index - 1] + 0.5) % 1.0 - 0.5)
             assert np.median(distance) < 0.04, "the mark's hue identifies the class"
+            plain_shares.append((body & (hsv[..., 1] < 0.3)).sum() / body.sum())
         background = sample.mask == 0
         assert (hsv[..., 1][background] > 0.7).mean() < 0.01, "no mark colours in the background"
+    assert np.median(plain_shares) > 0.2, "the tint fades: much of the body keeps its neutral colour"
+
+
+def test_greys_are_balanced_to_the_normalisation_mean():
+    """Backgrounds average to the ImageNet mean colour's balance (R > G > B), not to grey."""
+    means = np.mean([generate_split_image(0, "val", i).image[:8, :8].reshape(-1, 3).mean(0) for i in range(40)], 0)
+    balance = means / means.mean()
+    assert np.allclose(balance, np.asarray(IMAGENET_MEAN) / np.mean(IMAGENET_MEAN), atol=0.03)
+
+
+def test_spec_overrides_reach_the_datasets(tmp_path):
+    spec = {"mark_tint": 0.0, "mark_halo": 0.5, "neutral_rgb": [1, 1, 1]}
+    assert as_spec(spec) == replace(DEFAULT_SPEC, mark_tint=0.0, mark_halo=0.5, neutral_rgb=(1, 1, 1))
+    assert as_spec(None) is DEFAULT_SPEC and as_spec(DEFAULT_SPEC) is DEFAULT_SPEC
+    expected = generate_split_image(0, "train", 3, as_spec(spec))
+    assert not np.array_equal(expected.image, generate_split_image(0, "train", 3).image)
+    train = SyntheticTrainDataset(length=10, crop_size=64, scale_range=(1.0, 1.0), flip_prob=0.0, spec=spec)
+    assert train.spec == as_spec(spec)
+    sizes = {k: v for k, v in SMALL.items() if k != "workers"}
+    evaluation = SyntheticEvalDataset(tmp_path, split="val", spec=spec, **sizes)
+    generated = generate_split_image(0, "val", 1, as_spec(spec))
+    assert torch.equal(evaluation[1]["mask"], torch.from_numpy(generated.mask.astype(np.int64)))
+    folder = tmp_path / "VOCdevkit" / "VOC2012"
+    assert np.array_equal(read_image(folder / "JPEGImages" / "synth_val_000001.png"), generated.image)
+    manifest = json.loads((folder / MANIFEST_NAME).read_text())
+    assert manifest["spec"]["mark_halo"] == 0.5 and manifest["version"] == GENERATOR_VERSION
+
+
+def test_parts_match_the_mask():
+    image, parts = _render(image_seed(0, "val", 2), DEFAULT_SPEC)
+    assert image.mask.shape == parts["instances"].shape == parts["marks"].shape
+    for obj, cls in enumerate(parts["classes"], start=1):
+        body = parts["instances"] == obj
+        assert (parts["marks"] == obj).any() and ((parts["marks"] == obj) <= body).all()
+        assert set(np.unique(image.mask[body]).tolist()) <= {cls, 255}
 
 
 def test_partner_classes_co_occur():
