@@ -46,12 +46,17 @@ from afa.ops import (  # noqa: E402
 ZONES = ("core", "band", "rest of body", "background near", "background far")
 
 
-def load_network(path: str) -> torch.nn.Module:
+def load_network(path: str) -> tuple[torch.nn.Module, tuple[float, ...]]:
+    """The network and the CAM scales of the run that saved ``path``."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    config = checkpoint.get("config", {})
+    strides = tuple(config.get("model", {}).get("strides", (4, 2, 2, 1)))
+    scales = tuple(config.get("method", {}).get("cam", {}).get("scales", (1.0, 0.5, 1.5)))
     network = build_afa_network(
         backbone="tiny", num_classes=NUM_SYNTHETIC_CLASSES, pooling="gmp", decoder_dim=256,
-        drop_path_rate=0.1, strides=(4, 2, 2, 1), pretrained=None)
-    network.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["model"])
-    return network.eval()
+        drop_path_rate=0.1, strides=strides, pretrained=None)
+    network.load_state_dict(checkpoint["model"])
+    return network.eval(), scales
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
@@ -59,13 +64,16 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(normalised.transpose(2, 0, 1).copy())
 
 
-def predict(network, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict, torch.Tensor]:
+def predict(
+    network, images: torch.Tensor, labels: torch.Tensor, scales: tuple[float, ...],
+) -> tuple[torch.Tensor, dict, torch.Tensor]:
     """As afa.engine.evaluator.predict_afa_batch (AFA.md §10), also returning the CAMs."""
     output = network(images)
     size = images.shape[-2:]
     segmentation = F.interpolate(output.seg_logits.float(), size=size, mode="bilinear", align_corners=False)
-    cams, _ = multi_scale_cam(network.forward_cam, images, (1.0, 0.5, 1.5), with_affinity=False)
-    grid = (-(-size[0] // 16), -(-size[1] // 16))
+    cams, _ = multi_scale_cam(network.forward_cam, images, scales, with_affinity=False)
+    stride = network.encoder.output_stride
+    grid = (-(-size[0] // stride), -(-size[1] // stride))
     predictions = {
         "cam": cam_to_label(cams, labels, 0.45),
         "propagated": propagate_cams_for_evaluation(cams, labels, output.affinity, 0.35, 8, grid_size=grid),
@@ -123,7 +131,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     spec = as_spec(json.loads(args.spec))
     started = time.perf_counter()
-    network = load_network(args.checkpoint)
+    network, scales = load_network(args.checkpoint)
     data = []
     for index in range(args.num):
         image, parts = _render(image_seed(args.seed, args.split, index), spec)
@@ -149,9 +157,10 @@ def main() -> None:
                 labels = torch.zeros(len(chunk), NUM_SYNTHETIC_CLASSES)
                 for row, s in enumerate(chunk):
                     labels[row, torch.tensor(s["image"].classes) - 1] = 1
-                logits, predictions, cams = predict(network, images, labels)
+                logits, predictions, cams = predict(network, images, labels, scales)
                 if args.oracle_affinity:
-                    grid = (-(-size[0] // 16), -(-size[1] // 16))
+                    stride = network.encoder.output_stride
+                    grid = (-(-size[0] // stride), -(-size[1] // stride))
                     predictions["propagated"] = propagate_cams_for_evaluation(
                         cams, labels, oracle_affinity(chunk, grid), 0.35, 8, grid_size=grid)
                 classification.update(logits, labels)
@@ -174,7 +183,8 @@ def main() -> None:
                         dumped += 1
     results = {name: matrix.compute() for name, matrix in matrices.items()}
     f1 = classification.compute()
-    print(f"spec overrides: {args.spec}   images: {len(data)}   ({time.perf_counter() - started:.0f} s)")
+    print(f"spec overrides: {args.spec}   CAM scales: {list(scales)}   images: {len(data)}   "
+          f"({time.perf_counter() - started:.0f} s)")
     print(f"cls F1 {f1['f1']:.3f} | CAM {results['cam']['miou']:.3f} | PAR@0.45 {results['par']['miou']:.3f} | "
           f"PAR training label {results['par_train']['miou']:.3f} (ignored {ignored / max(1, counted):.0%}) | "
           f"propagated {results['propagated']['miou']:.3f} | segmentation {results['segmentation']['miou']:.3f}")

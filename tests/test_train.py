@@ -207,7 +207,10 @@ def test_wandb_offline_run_is_written(synthetic_root, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     run_dir = tmp_path / "run"
-    cfg = compose_config(small_overrides(synthetic_root, run_dir, logger="wandb", **{"train.max_iters": 3, "method.switch_iters": 3}))
+    # Also AFA's own strides (the synthetic experiment uses a 1/8 last stage), validated on
+    # the val split's non-square images.
+    extra = {"train.max_iters": 3, "method.switch_iters": 3, "model.strides": "[4,2,2,1]"}
+    cfg = compose_config(small_overrides(synthetic_root, run_dir, logger="wandb", **extra))
     train(cfg)
     runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1

@@ -74,8 +74,8 @@ def predict_afa_batch(
     cams, _ = multi_scale_cam(network.forward_cam, images, cam_scales, with_affinity=False)
     if cams.shape[-2:] != output_size:
         cams = F.interpolate(cams, size=output_size, mode="bilinear", align_corners=False)
-    grid = (-(-images.shape[-2] // 16), -(-images.shape[-1] // 16))
-    grid = grid if grid[0] * grid[1] == output.affinity.shape[-1] else None
+    stride = network.encoder.output_stride  # 16 with AFA's strides
+    grid = (-(-images.shape[-2] // stride), -(-images.shape[-1] // stride))
     predictions = {
         "cam": cam_to_label(cams, labels, bkg_score),
         "propagated": propagate_cams_for_evaluation(
