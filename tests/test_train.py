@@ -199,6 +199,8 @@ def test_presets_compose():
     assert voc.method.cam_iters == 2000 and voc.optimizer.lr == 6e-5 and voc.optimizer.warmup_iters == 1500
     coco = compose_config(["experiment=afa_coco", "dataset.root=/data/MSCOCO"])
     assert coco.method.par.num_iterations == 15 and coco.method.switch_iters == 15000
+    for preset in (voc, coco):  # the synthetic experiment's CPU shortcuts must not leak
+        assert list(preset.model.strides) == [4, 2, 2, 1] and list(preset.method.cam.scales) == [1.0, 0.5, 1.5]
 
 
 def test_wandb_offline_run_is_written(synthetic_root, tmp_path, monkeypatch):
