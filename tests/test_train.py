@@ -231,5 +231,7 @@ def test_torchrun_two_processes_gloo(synthetic_root, tmp_path):
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "val mIoU" in result.stdout
+    # Past cam_iters every parameter must get a gradient: DDP would fail the step otherwise.
+    assert "DDP re-wrapped without find_unused_parameters" in (run_dir / "train.log").read_text()
     state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert state["step"] == 4 and len(state["sampler"]) == 2  # one data position per rank

@@ -159,11 +159,12 @@ class AFATrainer:
 
     def _wrap(self, network: AFANetwork) -> torch.nn.Module:
         model: torch.nn.Module = network
+        # The classification-only phase leaves the decoder and affinity head unused.
+        self.find_unused_parameters = self.context.world_size > 1 and int(self.method.cam_iters) > self.step
         if self.context.world_size > 1:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
-            # The classification-only phase leaves the decoder and affinity head unused.
             model = DistributedDataParallel(
-                model, device_ids=device_ids, find_unused_parameters=int(self.method.cam_iters) > self.step
+                model, device_ids=device_ids, find_unused_parameters=self.find_unused_parameters
             )
         if self.cfg.train.compile:
             model = torch.compile(model)  # after DDP, as torch's DDP + compile notes advise
@@ -418,6 +419,10 @@ class AFATrainer:
             measure = log_every > 0 and (self.step + 1) % log_every == 0
             picture_step = image_every > 0 and (self.step + 1) % image_every == 0 and self.context.is_main
             self.timer.start(measure)
+            if self.find_unused_parameters and self.step >= int(self.method.cam_iters):
+                # Every parameter gets a gradient from here: drop DDP's per-step unused search.
+                self.model = self._wrap(self.network)
+                LOG.info("iteration %d: full AFA phase, DDP re-wrapped without find_unused_parameters", self.step)
             batch = next(batches)
             consumed += batch_size
             result = self._train_step(batch, picture_step)
