@@ -30,56 +30,29 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from afa.data.datasets import labels_to_multi_hot  # noqa: E402
 from afa.data.synthetic import NUM_SYNTHETIC_CLASSES, _render, as_spec, image_seed  # noqa: E402
-from afa.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from afa.data.transforms import normalize_to_tensor  # noqa: E402
+from afa.engine.builders import build_network  # noqa: E402
+from afa.engine.checkpoint import load_checkpoint  # noqa: E402
+from afa.engine.evaluator import predict_afa_batch_with_cams  # noqa: E402
 from afa.metrics import ConfusionMatrix, MultiLabelCounts  # noqa: E402
-from afa.models.network import build_afa_network  # noqa: E402
-from afa.ops import (  # noqa: E402
-    cam_to_label,
-    multi_scale_cam,
-    propagate_cams_for_evaluation,
-    refine_cams_with_par,
-)
+from afa.ops import refine_cams_with_par  # noqa: E402
 
 ZONES = ("core", "band", "rest of body", "background near", "background far")
 
 
-def load_network(path: str) -> tuple[torch.nn.Module, tuple[float, ...]]:
-    """The network and the CAM scales of the run that saved ``path``."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    config = checkpoint.get("config", {})
-    strides = tuple(config.get("model", {}).get("strides", (4, 2, 2, 1)))
-    scales = tuple(config.get("method", {}).get("cam", {}).get("scales", (1.0, 0.5, 1.5)))
-    network = build_afa_network(
-        backbone="tiny", num_classes=NUM_SYNTHETIC_CLASSES, pooling="gmp", decoder_dim=256,
-        drop_path_rate=0.1, strides=strides, pretrained=None)
+def load_network(path: str) -> tuple[torch.nn.Module, DictConfig]:
+    """The network of the run that saved ``path`` and that run's method config."""
+    checkpoint = load_checkpoint(path)
+    config = OmegaConf.create(checkpoint["config"])
+    config.model.pretrained = None  # the checkpoint holds every weight
+    network = build_network(config.model, NUM_SYNTHETIC_CLASSES)
     network.load_state_dict(checkpoint["model"])
-    return network.eval(), scales
-
-
-def to_tensor(image: np.ndarray) -> torch.Tensor:
-    normalised = (image.astype(np.float32) - np.float32(IMAGENET_MEAN)) / np.float32(IMAGENET_STD)
-    return torch.from_numpy(normalised.transpose(2, 0, 1).copy())
-
-
-def predict(
-    network, images: torch.Tensor, labels: torch.Tensor, scales: tuple[float, ...],
-) -> tuple[torch.Tensor, dict, torch.Tensor]:
-    """As afa.engine.evaluator.predict_afa_batch (AFA.md §10), also returning the CAMs."""
-    output = network(images)
-    size = images.shape[-2:]
-    segmentation = F.interpolate(output.seg_logits.float(), size=size, mode="bilinear", align_corners=False)
-    cams, _ = multi_scale_cam(network.forward_cam, images, scales, with_affinity=False)
-    stride = network.encoder.output_stride
-    grid = (-(-size[0] // stride), -(-size[1] // stride))
-    predictions = {
-        "cam": cam_to_label(cams, labels, 0.45),
-        "propagated": propagate_cams_for_evaluation(cams, labels, output.affinity, 0.35, 8, grid_size=grid),
-        "segmentation": segmentation.argmax(dim=1),
-    }
-    return output.class_logits.float(), predictions, cams
+    return network.eval(), config.method
 
 
 def oracle_affinity(chunk: list[dict], grid: tuple[int, int]) -> torch.Tensor:
@@ -131,7 +104,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     spec = as_spec(json.loads(args.spec))
     started = time.perf_counter()
-    network, scales = load_network(args.checkpoint)
+    network, method = load_network(args.checkpoint)
+    scales = tuple(method.cam.scales)
     data = []
     for index in range(args.num):
         image, parts = _render(image_seed(args.seed, args.split, index), spec)
@@ -152,17 +126,13 @@ def main() -> None:
         for size, group in sorted(by_size.items()):
             for start in range(0, len(group), args.batch):
                 chunk = group[start:start + args.batch]
-                images = torch.stack([to_tensor(s["image"].image) for s in chunk])
+                images = torch.stack([normalize_to_tensor(s["image"].image) for s in chunk])
                 masks = torch.stack([torch.from_numpy(s["image"].mask.astype(np.int64)) for s in chunk])
-                labels = torch.zeros(len(chunk), NUM_SYNTHETIC_CLASSES)
-                for row, s in enumerate(chunk):
-                    labels[row, torch.tensor(s["image"].classes) - 1] = 1
-                logits, predictions, cams = predict(network, images, labels, scales)
-                if args.oracle_affinity:
-                    stride = network.encoder.output_stride
-                    grid = (-(-size[0] // stride), -(-size[1] // stride))
-                    predictions["propagated"] = propagate_cams_for_evaluation(
-                        cams, labels, oracle_affinity(chunk, grid), 0.35, 8, grid_size=grid)
+                labels = torch.stack([labels_to_multi_hot(s["image"].classes, NUM_SYNTHETIC_CLASSES) for s in chunk])
+                oracle = oracle_affinity(chunk, network.affinity_grid(*size)) if args.oracle_affinity else None
+                logits, predictions, cams = predict_afa_batch_with_cams(
+                    network, images, labels, size, scales, float(method.cam.bkg_score),
+                    float(method.affinity.propagation_bkg_score), int(method.affinity.radius), affinity=oracle)
                 classification.update(logits, labels)
                 boxes = torch.tensor([[0, size[0], 0, size[1]]] * len(chunk))
                 predictions["par"] = refine_cams_with_par(images, cams, labels, boxes, thresholds=(0.45, 0.45))

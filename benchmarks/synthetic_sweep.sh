@@ -10,6 +10,10 @@
 # benchmark). Results go to $OUT (default runs/sweep): NAME.log, NAME.proxy, summary.txt.
 # NOPROXY=1 skips the scoring; WHEELS=dir installs the wheels there first (--no-deps).
 set -u
+if [ $# -eq 0 ] || [ $(($# % 3)) -ne 0 ]; then
+  echo "usage: bash benchmarks/synthetic_sweep.sh NAME \"hydra overrides\" 'SPEC_JSON' [...] (three arguments per run)" >&2
+  exit 2
+fi
 OUT=${OUT:-runs/sweep}
 mkdir -p "$OUT"
 if [ -n "${WHEELS:-}" ]; then

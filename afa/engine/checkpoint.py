@@ -83,13 +83,12 @@ def _link_atomically(source: Path, destination: Path) -> None:
     """Makes ``destination`` a hard link to ``source`` (a copy where links fail), atomically."""
     temp = _temp_path(destination)
     try:
-        try:
-            os.link(source, temp)
-        except OSError:  # filesystems without hard links
-            with source.open("rb") as reader, temp.open("xb") as writer:
-                shutil.copyfileobj(reader, writer)
-                writer.flush()
-                os.fsync(writer.fileno())
+        os.link(source, temp)
+    except OSError:  # filesystems without hard links
+        with source.open("rb") as reader:
+            _write_atomically(destination, lambda handle: shutil.copyfileobj(reader, handle))
+        return
+    try:
         os.replace(temp, destination)
     except BaseException:
         temp.unlink(missing_ok=True)

@@ -69,21 +69,47 @@ def predict_afa_batch(
     Returns:
         class_logits (B, C) and {"cam", "propagated", "segmentation"}: (B, H_label, W_label).
     """
-    output = network(images)
+    class_logits, predictions, _ = predict_afa_batch_with_cams(
+        network, images, labels, output_size, cam_scales, bkg_score, propagation_bkg_score, radius
+    )
+    return class_logits, predictions
+
+
+@torch.no_grad()
+def predict_afa_batch_with_cams(
+    network: AFANetwork,
+    images: Tensor,
+    labels: Tensor,
+    output_size: tuple[int, int],
+    cam_scales: Sequence[float],
+    bkg_score: float,
+    propagation_bkg_score: float,
+    radius: int,
+    affinity: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+    """`predict_afa_batch`, also returning the CAMs, for analysis.
+
+    Args:
+        affinity: (B, N, N) to propagate with instead of the network's (e.g. a perfect one).
+
+    Returns:
+        class_logits (B, C), the label maps, and the CAMs (B, C, H_label, W_label).
+    """
+    output = network(images, with_affinity=affinity is None)
     segmentation = F.interpolate(output.seg_logits.float(), size=output_size, mode="bilinear", align_corners=False)
     cams, _ = multi_scale_cam(network.forward_cam, images, cam_scales, with_affinity=False)
     if cams.shape[-2:] != output_size:
         cams = F.interpolate(cams, size=output_size, mode="bilinear", align_corners=False)
-    stride = network.encoder.output_stride  # 16 with AFA's strides
-    grid = (-(-images.shape[-2] // stride), -(-images.shape[-1] // stride))
+    grid = network.affinity_grid(*images.shape[-2:])
     predictions = {
         "cam": cam_to_label(cams, labels, bkg_score),
         "propagated": propagate_cams_for_evaluation(
-            cams, labels, output.affinity, propagation_bkg_score, radius, grid_size=grid
+            cams, labels, output.affinity if affinity is None else affinity, propagation_bkg_score, radius,
+            grid_size=grid,
         ),
         "segmentation": segmentation.argmax(dim=1),
     }
-    return output.class_logits.float(), predictions
+    return output.class_logits.float(), predictions, cams
 
 
 def evaluate_afa(

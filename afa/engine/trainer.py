@@ -6,7 +6,6 @@ know nothing of them.
 from __future__ import annotations
 
 import logging
-import math
 import random
 import time
 from collections.abc import Iterator
@@ -279,9 +278,9 @@ class AFATrainer:
                 target = pseudo["propagated"] if use_propagated else pseudo["refined"]
                 cls_loss = multilabel_soft_margin_loss(output.class_logits.float(), labels)
                 seg_loss = balanced_segmentation_loss(output.seg_logits.float(), target)
-                grid = math.isqrt(output.affinity.shape[-1])
                 affinity_targets = affinity_labels_from_segmentation(
-                    pseudo["refined"], (grid, grid), radius=int(self.method.affinity.radius)
+                    pseudo["refined"], self.network.affinity_grid(*images.shape[-2:]),
+                    radius=int(self.method.affinity.radius),
                 )
                 aff_loss, counts = affinity_loss(output.affinity, affinity_targets)
                 loss = cls_loss + float(self.method.loss.seg_weight) * seg_loss + float(self.method.loss.aff_weight) * aff_loss
@@ -371,9 +370,9 @@ class AFATrainer:
                 pictures[f"train/{key}_label"] = viz.colorize_labels(result.pictures[key][0].cpu().numpy())
         if "affinity" in result.pictures:
             affinity = result.pictures["affinity"][0].cpu()
-            side = math.isqrt(affinity.shape[-1])
-            points = [(side // 4, side // 4), (side // 2, side // 2), (3 * side // 4, 3 * side // 4)]
-            pictures["train/attention_affinity"] = viz.affinity_map(affinity.numpy(), (side, side), points, image=image)
+            rows, cols = self.network.affinity_grid(*batch["image"].shape[-2:])
+            points = [(rows * k // 4, cols * k // 4) for k in (1, 2, 3)]
+            pictures["train/attention_affinity"] = viz.affinity_map(affinity.numpy(), (rows, cols), points, image=image)
         self.experiment.log_images(pictures, step=self.step)
 
     def validate(self) -> dict[str, dict] | None:

@@ -88,6 +88,11 @@ class AFANetwork(nn.Module):
         affinity = self.attn_proj(attention) if attention is not None else None
         return cams, affinity
 
+    def affinity_grid(self, height: int, width: int) -> tuple[int, int]:
+        """(h, w) of the last stage for an H×W input: the affinity has N = h·w nodes."""
+        stride = self.encoder.output_stride  # 16 with AFA's strides
+        return -(-height // stride), -(-width // stride)
+
     def forward_segmentation(self, images: Tensor) -> Tensor:
         """Segmentation logits (B, K, H/4, W/4) only (inference)."""
         features, _ = self.encoder(images)
