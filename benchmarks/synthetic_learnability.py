@@ -25,11 +25,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 if importlib.util.find_spec("mmcv") is None:  # the generator never calls mmcv; allow machines without it
     sys.modules["mmcv"] = types.ModuleType("mmcv")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from afa.data.loaders import build_loader  # noqa: E402
 from afa.data.synthetic import NUM_SYNTHETIC_CLASSES, SyntheticSpec, generate_split_image  # noqa: E402
 from afa.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from afa.ops import refine_cams_with_par  # noqa: E402
@@ -146,10 +147,10 @@ def main() -> None:
     torch.manual_seed(0)
 
     spec = SyntheticSpec(**json.loads(args.spec))
-    val_loader = DataLoader(PaddedSynthetic("val", args.num_val, spec), batch_size=100, num_workers=args.workers)
+    val_loader = build_loader(PaddedSynthetic("val", args.num_val, spec), batch_size=100, num_workers=args.workers)
     val_batches = list(val_loader)
-    train_loader = DataLoader(PaddedSynthetic("train", 10**7, spec), batch_size=args.batch_size, shuffle=True,
-                              num_workers=args.workers, drop_last=True, persistent_workers=args.workers > 0)
+    train_loader = build_loader(PaddedSynthetic("train", 10**7, spec), batch_size=args.batch_size, shuffle=True,
+                              num_workers=args.workers, drop_last=True)
     model = SmallCamNet(NUM_SYNTHETIC_CLASSES).to(args.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
     checkpoints = {250, 500, 1000, 2000, 4000, 8000}

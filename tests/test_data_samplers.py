@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from afa.data import ResumableSampler, SameSizeBatchSampler, SyntheticTrainDataset, loader_worker_init
+from afa.data import ResumableSampler, SameSizeBatchSampler, SyntheticTrainDataset, build_loader
 from afa.data.datasets import FullImageEvalDataset
 from afa.data.fixtures import write_voc_fixture
 from afa.data.layouts import voc_index
@@ -84,15 +84,14 @@ def test_interrupted_loader_resumes_with_identical_batches():
     reference = take(iter(reference_loader), 9)  # crosses two epoch boundaries
 
     sampler = ResumableSampler(18, seed=7)
-    interrupted = iter(DataLoader(dataset, batch_size=4, sampler=sampler, num_workers=2, prefetch_factor=2,
-                                  worker_init_fn=loader_worker_init))
+    interrupted = iter(build_loader(dataset, batch_size=4, sampler=sampler, num_workers=2, prefetch_factor=2))
     seen = take(interrupted, 4)
     state = sampler.state_dict(num_consumed=4 * 4)  # workers prefetched further than this
     del interrupted
 
     resumed_sampler = ResumableSampler(18, seed=7)
     resumed_sampler.load_state_dict(state)
-    resumed = take(iter(DataLoader(dataset, batch_size=4, sampler=resumed_sampler, num_workers=2)), 5)
+    resumed = take(iter(build_loader(dataset, batch_size=4, sampler=resumed_sampler, num_workers=2)), 5)
     for got, want in zip(seen + resumed, reference):
         assert batches_equal(got, want)
 

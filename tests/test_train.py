@@ -220,6 +220,7 @@ def test_wandb_offline_run_is_written(synthetic_root, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(400)  # two torchrun processes on 2 cores
 def test_torchrun_two_processes_gloo(synthetic_root, tmp_path):
     run_dir = tmp_path / "ddp"
     overrides = small_overrides(synthetic_root, run_dir, **{"train.max_iters": 4, "method.cam_iters": 1, "method.switch_iters": 3})

@@ -22,7 +22,8 @@ from afa.data.datasets import (
 )
 from afa.data.layouts import ImageIndex, coco_index, custom_index, load_labels_file, voc_index
 from afa.data.readers import DatasetError, image_size, read_image, read_mask, validate_mask
-from afa.data.samplers import ResumableSampler, SameSizeBatchSampler, loader_worker_init
+from afa.data.loaders import build_loader, worker_context
+from afa.data.samplers import ResumableSampler, SameSizeBatchSampler
 from afa.data.synthetic import (
     SYNTHETIC_CLASSES,
     SyntheticDiskTrainDataset,
@@ -43,7 +44,7 @@ __all__ = [
     "SameSizeBatchSampler", "SyntheticDiskTrainDataset", "SyntheticEvalDataset", "SyntheticSpec",
     "SyntheticTrainDataset", "TrainAugmentation", "VOCEvalDataset", "VOCTrainDataset",
     "build_coco_split", "check_dataset", "coco_index", "custom_index", "generate_image",
-    "generate_split_image", "image_size", "labels_to_multi_hot", "load_labels_file", "loader_worker_init",
+    "generate_split_image", "image_size", "labels_to_multi_hot", "load_labels_file", "build_loader", "worker_context",
     "normalize_to_tensor", "prepare_synthetic", "rasterize_annotations", "read_image",
     "read_mask", "validate_mask", "voc_index", "voc_palette",
 ]

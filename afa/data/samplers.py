@@ -188,16 +188,3 @@ class SameSizeBatchSampler:
 
     def __len__(self) -> int:
         return len(self.all_batches()[self.rank :: self.world_size])
-
-
-def loader_worker_init(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: one OpenCV and one torch thread per worker.
-
-    Each worker already is a process; letting OpenCV's and torch's own thread pools
-    also fan out oversubscribes the CPU (the per-sample work here is small).
-    """
-    import cv2
-    import torch
-
-    cv2.setNumThreads(1)
-    torch.set_num_threads(1)

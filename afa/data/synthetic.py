@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing
 import os
 import shutil
 import uuid
@@ -42,6 +41,7 @@ from afa.data.datasets import (
     split_item,
 )
 from afa.data.readers import write_index_mask
+from afa.data.loaders import worker_context
 from afa.data.transforms import TrainAugmentation
 
 GENERATOR_VERSION = 5
@@ -523,9 +523,7 @@ def _generate_into(
         for split, indices in jobs:
             labels.update(_write_chunk(str(folder), seed, split, indices, spec))
     else:
-        # fork: workers need no re-import of torch (generation itself uses numpy and cv2)
-        start_method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(start_method)) as pool:
+        with ProcessPoolExecutor(workers, mp_context=worker_context()) as pool:
             futures = [
                 pool.submit(_write_chunk, str(folder), seed, split, indices, spec)
                 for split, indices in jobs

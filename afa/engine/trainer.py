@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 
 from afa import viz
-from afa.data import ResumableSampler, SameSizeBatchSampler
+from afa.data import ResumableSampler, SameSizeBatchSampler, build_loader
 from afa.engine.builders import build_datasets, build_network, build_optimizer_from_config
 from afa.engine.checkpoint import CheckpointManager, capture_rng_state, load_checkpoint, resolve_resume, restore_rng_state
 from afa.engine.config import validate_config
@@ -189,14 +189,13 @@ class AFATrainer:
 
     # ---------------------------------------------------------------- data
     def _train_batches(self) -> Iterator[dict]:
-        loader = DataLoader(
+        loader = build_loader(
             self.train_dataset,
             batch_size=int(self.cfg.train.batch_size),
             sampler=self.sampler,
             num_workers=int(self.cfg.train.num_workers),
             pin_memory=self.device.type == "cuda",
             drop_last=True,
-            persistent_workers=int(self.cfg.train.num_workers) > 0,
             # Its own generator: creating the iterator must not advance the global RNG, or a
             # resumed run's dropout/stochastic-depth draws would shift.
             generator=torch.Generator().manual_seed(int(self.cfg.seed)),
@@ -212,7 +211,7 @@ class AFATrainer:
         if max_images is not None and max_images < len(dataset):
             dataset, sizes = Subset(dataset, range(max_images)), sizes[:max_images]
         batches = SameSizeBatchSampler(sizes, int(self.cfg.eval.batch_size), self.context.rank, self.context.world_size)
-        return DataLoader(
+        return build_loader(
             dataset, batch_sampler=batches, num_workers=int(self.cfg.eval.num_workers),
             pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(0),
         )
