@@ -2,12 +2,13 @@
 import hydra
 from omegaconf import DictConfig
 
+from afa.engine.cli import run_command
 from afa.engine.trainer import train
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    summary = train(cfg)
+    summary = run_command(lambda: train(cfg))
     if "segmentation_miou" in summary:
         print(
             f"val mIoU — CAM {summary['cam_miou']:.3f} | propagated {summary['propagated_miou']:.3f} | "
