@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import wandb
 
 from afa.engine.log import (
     NullLogger,
@@ -59,6 +60,9 @@ def test_offline_wandb_run_writes_scalars_images_table_under_run_dir(wandb_offli
         with pytest.raises(ValueError, match="val/bad"):
             logger.log_images({"val/bad": image.astype(np.float32)}, step=20)
     logger.finish()  # idempotent after the context exit
+    # finish() returns once wandb's service has the run; its writer flushes the record log
+    # when the service stops (at exit, or here), so reading the file earlier races it.
+    wandb.teardown()
 
     runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
