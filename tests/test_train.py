@@ -11,9 +11,10 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
+from afa.engine import afa_step as afa_step_module
 from afa.engine import trainer as trainer_module
 from afa.engine.config import ConfigError, validate_config
-from afa.engine.log import NullLogger
+from afa.engine.log import Logger
 from afa.engine.trainer import NonFiniteLossError, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,7 +59,7 @@ def compose_config(overrides: list[str]):
         return compose(config_name="config", overrides=overrides)
 
 
-class RecordingLogger(NullLogger):
+class RecordingLogger(Logger):
     """Keeps every scalar the trainer logs, by step."""
 
     def __init__(self) -> None:
@@ -89,7 +90,8 @@ def test_end_to_end_run(synthetic_root, tmp_path, recorder):
     assert (tmp_path / "run" / "train.log").read_text().count("validation at 6") == 1
     # Every phase ran: classification only, then PAR labels, then propagated labels.
     assert set(recorder.scalars[1]) >= {"train/loss", "train/cls_loss", "train/lr"}
-    assert "train/seg_loss" not in recorder.scalars[2]
+    # The reference's boundaries (0-based i): classification while i <= cam_iters (2), so i = 2 too.
+    assert "train/seg_loss" not in recorder.scalars[3] and "train/seg_loss" in recorder.scalars[4]
     assert {"train/seg_loss", "train/aff_loss", "train/positive_pairs", "time/labels"} <= set(recorder.scalars[5])
     assert {"val/cam_miou", "val/propagated_miou", "val/segmentation_miou", "val/cls_f1"} <= set(recorder.scalars[6])
     pictures = recorder.images[3]
@@ -105,6 +107,27 @@ def _losses(recorder: RecordingLogger) -> dict[int, float]:
     return {step: values["train/loss"] for step, values in recorder.scalars.items() if "train/loss" in values}
 
 
+def test_pictures_leave_training_unchanged(synthetic_root, tmp_path, monkeypatch):
+    """The picture pass is its own no-grad eval pass: with or without it, the same losses."""
+    losses = []
+    for every in (0, 2):
+        logger = RecordingLogger()
+        monkeypatch.setattr(trainer_module, "build_logger", lambda *args, _l=logger, **kwargs: _l)
+        train(compose_config(small_overrides(synthetic_root, tmp_path / f"run{every}", **{"train.image_log_every": every})))
+        losses.append(_losses(logger))
+        assert bool(logger.images) == (every > 0)
+    assert losses[0] == losses[1]
+
+
+@pytest.mark.parametrize("option", ["method.cam.reference_mode=true", "method.inactive_losses=skip"])
+def test_fidelity_options_train(synthetic_root, tmp_path, recorder, option):
+    key, value = option.split("=")
+    summary = train(compose_config(small_overrides(synthetic_root, tmp_path / "run", **{key: value})))
+    assert summary["iterations"] == 6
+    assert all(torch.isfinite(torch.tensor(v)) for v in _losses(recorder).values())
+    assert "train/seg_loss" in recorder.scalars[5]
+
+
 def test_resume_reproduces_uninterrupted_losses(synthetic_root, tmp_path, monkeypatch, recorder):
     extra = {"train.checkpoint_every": 3, "train.max_iters": 7, "method.switch_iters": 5}
     train(compose_config(small_overrides(synthetic_root, tmp_path / "straight", **extra)))
@@ -113,10 +136,10 @@ def test_resume_reproduces_uninterrupted_losses(synthetic_root, tmp_path, monkey
 
     original_step = trainer_module.AFATrainer._train_step
 
-    def crash_at_five(self, batch, picture_step):
+    def crash_at_five(self, batch):
         if self.step == 4:
             raise KeyboardInterrupt("simulated crash")
-        return original_step(self, batch, picture_step)
+        return original_step(self, batch)
 
     monkeypatch.setattr(trainer_module.AFATrainer, "_train_step", crash_at_five)
     interrupted = compose_config(small_overrides(synthetic_root, tmp_path / "interrupted", **extra))
@@ -136,17 +159,17 @@ def test_all_ignore_labels_give_finite_losses(synthetic_root, tmp_path, monkeypa
     def all_ignored(first, *args, **kwargs):  # images or cams: (B, *, H, W)
         return torch.full((first.shape[0], *first.shape[-2:]), 255, dtype=torch.long)
 
-    monkeypatch.setattr(trainer_module, "refine_cams_with_par", all_ignored)
-    monkeypatch.setattr(trainer_module, "propagate_cams_with_affinity", all_ignored)
+    monkeypatch.setattr(afa_step_module, "refine_cams_with_par", all_ignored)
+    monkeypatch.setattr(afa_step_module, "propagate_cams_with_affinity", all_ignored)
     train(compose_config(small_overrides(synthetic_root, tmp_path / "run", **{"train.max_iters": 5})))
-    for step in (3, 4, 5):
+    for step in (4, 5):  # iterations after the classification-only phase
         values = recorder.scalars[step]
         assert values["train/seg_loss"] == 0.0 and values["train/aff_loss"] == 0.0
         assert torch.isfinite(torch.tensor(values["train/loss"]))
 
 
 def test_non_finite_loss_stops_with_iteration_and_names(synthetic_root, tmp_path, monkeypatch, recorder):
-    original = trainer_module.multilabel_soft_margin_loss
+    original = afa_step_module.multilabel_soft_margin_loss
     calls = {"n": 0}
 
     def nan_on_third(logits, labels):
@@ -154,7 +177,7 @@ def test_non_finite_loss_stops_with_iteration_and_names(synthetic_root, tmp_path
         loss = original(logits, labels)
         return loss * float("nan") if calls["n"] == 3 else loss
 
-    monkeypatch.setattr(trainer_module, "multilabel_soft_margin_loss", nan_on_third)
+    monkeypatch.setattr(afa_step_module, "multilabel_soft_margin_loss", nan_on_third)
     cfg = compose_config(small_overrides(synthetic_root, tmp_path / "run", **{"train.checkpoint_every": 1}))
     with pytest.raises(NonFiniteLossError, match=r"iteration 2 .*images: synth_train_"):
         train(cfg)
@@ -223,7 +246,8 @@ def test_wandb_offline_run_is_written(synthetic_root, tmp_path, monkeypatch):
 @pytest.mark.timeout(400)  # two torchrun processes on 2 cores
 def test_torchrun_two_processes_gloo(synthetic_root, tmp_path):
     run_dir = tmp_path / "ddp"
-    overrides = small_overrides(synthetic_root, run_dir, **{"train.max_iters": 4, "method.cam_iters": 1, "method.switch_iters": 3})
+    overrides = small_overrides(synthetic_root, run_dir, **{"train.max_iters": 4, "method.cam_iters": 1, "method.switch_iters": 3,
+                                                        "method.inactive_losses": "skip"})
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
@@ -232,7 +256,9 @@ def test_torchrun_two_processes_gloo(synthetic_root, tmp_path):
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "val mIoU" in result.stdout
-    # Past cam_iters every parameter must get a gradient: DDP would fail the step otherwise.
+    # "skip" leaves the seg and affinity parameters without gradients in the classification
+    # phase (DDP searches for unused ones); past cam_iters every parameter gets one, so the
+    # per-step search must end. The default "zero" gives every parameter a gradient throughout.
     assert "DDP re-wrapped without find_unused_parameters" in (run_dir / "train.log").read_text()
     state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert state["step"] == 4 and len(state["sampler"]) == 2  # one data position per rank

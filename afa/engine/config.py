@@ -105,6 +105,10 @@ def _check_method(cfg: DictConfig) -> None:
     _number(cfg, "method.par.w1", 0.0, open_low=True)
     _number(cfg, "method.par.w2", 0.0)
     _integer(cfg, "method.affinity.radius", 1)
+    _choice(cfg, "method.inactive_losses", ["zero", "skip"])
+    _boolean(cfg, "method.cam.reference_mode")
+    if _get(cfg, "method.affinity_from_propagated_after") is not None:
+        _integer(cfg, "method.affinity_from_propagated_after", cam_iters)
     _number(cfg, "method.affinity.propagation_bkg_score", 0.0, 1.0)
     _number(cfg, "method.loss.seg_weight", 0.0)
     _number(cfg, "method.loss.aff_weight", 0.0)

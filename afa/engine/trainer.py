@@ -9,7 +9,7 @@ import logging
 import random
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,23 +23,15 @@ from torch.utils.data import Subset
 
 from afa import viz
 from afa.data import ResumableSampler, SameSizeBatchSampler, build_loader
+from afa.engine.afa_step import AFAOptions, afa_losses, pseudo_labels, reference_classification_cam_passes
 from afa.engine.builders import build_datasets, build_network, build_optimizer_from_config
 from afa.engine.checkpoint import CheckpointManager, capture_rng_state, load_checkpoint, resolve_resume, restore_rng_state
 from afa.engine.config import validate_config
 from afa.engine.dist import DistributedContext, cleanup, init_distributed
 from afa.engine.evaluator import autocast_context, evaluate_afa
-from afa.engine.log import Progress, build_logger, setup_console_logging
+from afa.engine.log import NullLogger, Progress, build_logger, setup_console_logging
 from afa.metrics import iou_table_rows
 from afa.models.network import AFANetwork
-from afa.ops import (
-    affinity_labels_from_segmentation,
-    affinity_loss,
-    balanced_segmentation_loss,
-    multi_scale_cam,
-    multilabel_soft_margin_loss,
-    propagate_cams_with_affinity,
-    refine_cams_with_par,
-)
 
 LOG = logging.getLogger("afa")
 
@@ -54,7 +46,6 @@ class StepResult:
 
     losses: dict[str, Tensor]
     counts: dict[str, Tensor] = field(default_factory=dict)
-    pictures: dict[str, Tensor] = field(default_factory=dict)
 
 
 class PhaseTimer:
@@ -119,6 +110,7 @@ class AFATrainer:
         setup_console_logging(self.run_dir, context.rank)
         _seed_everything(int(cfg.seed))
         self.method = cfg.method
+        self.options = AFAOptions.from_config(cfg.method)
         self.max_iters = int(cfg.train.max_iters)
         self.amp = bool(cfg.train.amp) and self.device.type == "cuda"
 
@@ -158,8 +150,11 @@ class AFATrainer:
 
     def _wrap(self, network: AFANetwork) -> torch.nn.Module:
         model: torch.nn.Module = network
-        # The classification-only phase leaves the decoder and affinity head unused.
-        self.find_unused_parameters = self.context.world_size > 1 and int(self.method.cam_iters) > self.step
+        # Skipping the inactive losses leaves the decoder and affinity head unused in the first phase.
+        self.find_unused_parameters = (
+            self.context.world_size > 1 and self.options.inactive_losses == "skip"
+            and self.options.phase(self.step) == "classification"
+        )
         if self.context.world_size > 1:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             model = DistributedDataParallel(
@@ -217,92 +212,65 @@ class AFATrainer:
         )
 
     # ---------------------------------------------------------------- one iteration
-    def _pseudo_labels(
-        self, images: Tensor, labels: Tensor, boxes: Tensor, propagate: int, max_classes: int | None
-    ) -> dict[str, Tensor]:
-        """CAMs → PAR-refined label (§5) and the propagated label (§7) of the first
-        ``propagate`` images (0: none); no gradients.
-
-        ``max_classes`` (most foreground classes in any image, read from the CPU labels) lets
-        PAR refine 1 + that many channels instead of all K.
-        """
-        cam, par = self.method.cam, self.method.par
-        par_options = dict(
-            dilations=tuple(par.dilations), num_iterations=int(par.num_iterations), w1=float(par.w1), w2=float(par.w2)
-        )
-        with torch.no_grad():
-            # CAMs from the deterministic network: stochastic depth would only add noise.
-            self.network.eval()
-            try:
-                cams, affinity = multi_scale_cam(
-                    self.network.forward_cam, images, tuple(cam.scales), with_affinity=propagate > 0
-                )
-            finally:
-                self.network.train()
-            self.timer.mark("cam")
-            refined = refine_cams_with_par(
-                images, cams, labels, boxes, (float(cam.high_thre), float(cam.low_thre)),
-                max_classes_per_image=max_classes, **par_options,
-            )
-            result = {"cams": cams, "refined": refined}
-            if propagate:
-                first = slice(0, propagate)
-                result["propagated"] = propagate_cams_with_affinity(
-                    cams[first], labels[first], affinity[first], images[first], boxes[first],
-                    (float(cam.low_thre), float(cam.high_thre)),
-                    radius=int(self.method.affinity.radius), max_classes_per_image=max_classes, **par_options,
-                )
-            self.timer.mark("labels")
-        return result
-
-    def _train_step(self, batch: dict, picture_step: bool) -> StepResult:
+    def _train_step(self, batch: dict) -> StepResult:
+        """AFA.md §8: pseudo labels of the phase, the AFA losses, one optimiser step."""
+        options, phase = self.options, self.options.phase(self.step)
         images = batch["image"].to(self.device, non_blocking=True)
         labels = batch["labels"].to(self.device, non_blocking=True)
         boxes = batch["valid_box"].to(self.device, non_blocking=True)
         max_classes = int(batch["labels"].sum(dim=1).max())  # CPU tensor: no device sync
         self.timer.mark("data")
+        affinity_source = options.affinity_source(self.step)
+        pseudo = None
         with autocast_context(self.device, self.amp):
-            if self.step < int(self.method.cam_iters):
-                output = self.model(images, with_segmentation=False, with_affinity=False)
-                cls_loss = multilabel_soft_margin_loss(output.class_logits.float(), labels)
-                result = StepResult({"loss": cls_loss, "cls_loss": cls_loss})
-                if picture_step:
-                    result.pictures = self._pseudo_labels(images[:1], labels[:1], boxes[:1], 0, max_classes)
+            if phase == "classification":
+                full = options.inactive_losses == "zero"
+                output = self.model(images, with_segmentation=full, with_affinity=full)
+                if options.cam_reference_mode:
+                    reference_classification_cam_passes(self.network, images, options)
             else:
-                use_propagated = self.step >= int(self.method.switch_iters)
-                # The propagated label of image 0 alone when it is only for the logged picture.
-                propagate = images.shape[0] if use_propagated else int(picture_step)
-                pseudo = self._pseudo_labels(images, labels, boxes, propagate, max_classes)
-                output = self.model(images)
-                target = pseudo["propagated"] if use_propagated else pseudo["refined"]
-                cls_loss = multilabel_soft_margin_loss(output.class_logits.float(), labels)
-                seg_loss = balanced_segmentation_loss(output.seg_logits.float(), target)
-                affinity_targets = affinity_labels_from_segmentation(
-                    pseudo["refined"], self.network.affinity_grid(*images.shape[-2:]),
-                    radius=int(self.method.affinity.radius),
-                )
-                aff_loss, counts = affinity_loss(output.affinity, affinity_targets)
-                loss = cls_loss + float(self.method.loss.seg_weight) * seg_loss + float(self.method.loss.aff_weight) * aff_loss
-                result = StepResult(
-                    {"loss": loss, "cls_loss": cls_loss, "seg_loss": seg_loss, "aff_loss": aff_loss}, counts
-                )
-                if picture_step:
-                    result.pictures = {
-                        **{k: v[:1] for k, v in pseudo.items()},
-                        "prediction": F.interpolate(
-                            output.seg_logits[:1].detach().float(), size=images.shape[-2:], mode="bilinear",
-                            align_corners=False,
-                        ).argmax(dim=1),
-                        "affinity": output.affinity[:1].detach().float(),
-                    }
-        self._check_finite(result.losses, batch["name"])
+                propagate = phase == "propagated_label" or affinity_source == "propagated"
+                if options.cam_reference_mode:  # the reference's order: training forward, then CAM passes
+                    output = self.model(images)
+                    pseudo = pseudo_labels(self.network, images, labels, boxes, options, propagate=propagate, max_classes=max_classes)
+                else:
+                    pseudo = pseudo_labels(self.network, images, labels, boxes, options, propagate=propagate, max_classes=max_classes)
+                    output = self.model(images)
+                self.timer.mark("labels")
+            losses, counts = afa_losses(
+                output, labels, pseudo, phase, options, self.network.affinity_grid(*images.shape[-2:]), affinity_source
+            )
+        self._check_finite(losses, batch["name"])
         self.optimizer.zero_grad(set_to_none=True)
-        result.losses["loss"].backward()
+        losses["loss"].backward()
         self.timer.mark("forward_backward")
         self.optimizer.step()
         self.scheduler.step()
         self.timer.mark("optimizer")
-        return result
+        return StepResult(losses, counts)
+
+    def _pictures(self, batch: dict) -> dict[str, Tensor]:
+        """Image 0's CAM, PAR, propagated and predicted labels and affinity, on its own pass.
+
+        Eval mode and afa's CAM passes: no random draws, no BatchNorm update, so logging
+        leaves the training state exactly as it was.
+        """
+        images = batch["image"][:1].to(self.device)
+        labels = batch["labels"][:1].to(self.device)
+        boxes = batch["valid_box"][:1].to(self.device)
+        options = replace(self.options, cam_reference_mode=False)
+        with torch.no_grad(), autocast_context(self.device, self.amp):
+            pictures = pseudo_labels(self.network, images, labels, boxes, options, propagate=True)
+            self.network.eval()
+            try:
+                output = self.network(images)
+            finally:
+                self.network.train()
+        pictures["prediction"] = F.interpolate(
+            output.seg_logits.float(), size=images.shape[-2:], mode="bilinear", align_corners=False
+        ).argmax(dim=1)
+        pictures["affinity"] = output.affinity.float()
+        return pictures
 
     def _check_finite(self, losses: dict[str, Tensor], names: list[str]) -> None:
         if bool(torch.isfinite(losses["loss"]).item()):
@@ -354,21 +322,20 @@ class AFATrainer:
             phases += f" | peak memory {scalars['memory/max_allocated_gib']:.1f} GiB"
         LOG.info("%s | %s", line, phases)
 
-    def _log_pictures(self, batch: dict, result: StepResult) -> None:
-        if not result.pictures or not self.context.is_main:
-            return
+    def _log_pictures(self, batch: dict) -> None:
+        result_pictures = self._pictures(batch)
         image = viz.denormalize_image(batch["image"][0])
         labels = batch["labels"][0]
         pictures = {"train/input": [(image, ", ".join(self.class_names[int(c) + 1] for c in labels.nonzero().flatten()))]}
-        cams = result.pictures["cams"][0].float().cpu()
+        cams = result_pictures["cams"][0].float().cpu()
         present = labels.nonzero().flatten()
         if len(present):
             pictures["train/cam"] = [(viz.cam_overlay(image, cams[int(c)].numpy()), self.class_names[int(c) + 1]) for c in present]
         for key in ("refined", "propagated", "prediction"):
-            if key in result.pictures:
-                pictures[f"train/{key}_label"] = viz.colorize_labels(result.pictures[key][0].cpu().numpy())
-        if "affinity" in result.pictures:
-            affinity = result.pictures["affinity"][0].cpu()
+            if key in result_pictures:
+                pictures[f"train/{key}_label"] = viz.colorize_labels(result_pictures[key][0].cpu().numpy())
+        if "affinity" in result_pictures:
+            affinity = result_pictures["affinity"][0].cpu()
             rows, cols = self.network.affinity_grid(*batch["image"].shape[-2:])
             points = [(rows * k // 4, cols * k // 4) for k in (1, 2, 3)]
             pictures["train/attention_affinity"] = viz.affinity_map(affinity.numpy(), (rows, cols), points, image=image)
@@ -415,21 +382,24 @@ class AFATrainer:
         self.network.train()
         while self.step < self.max_iters:
             measure = log_every > 0 and (self.step + 1) % log_every == 0
-            picture_step = image_every > 0 and (self.step + 1) % image_every == 0 and self.context.is_main
+            # Pictures only where a logger keeps them (NullLogger would discard the pass).
+            picture_step = (image_every > 0 and (self.step + 1) % image_every == 0 and self.context.is_main
+                            and not isinstance(self.experiment, NullLogger))
+            phase = self.options.phase(self.step)
             self.timer.start(measure)
-            if self.find_unused_parameters and self.step >= int(self.method.cam_iters):
+            if self.find_unused_parameters and phase != "classification":
                 # Every parameter gets a gradient from here: drop DDP's per-step unused search.
                 self.model = self._wrap(self.network)
                 LOG.info("iteration %d: full AFA phase, DDP re-wrapped without find_unused_parameters", self.step)
             batch = next(batches)
             consumed += batch_size
-            result = self._train_step(batch, picture_step)
+            result = self._train_step(batch)
             self.step += 1
             images_in_window += batch_size * self.context.world_size
-            window.append(StepResult(result.losses, result.counts))
+            window.append(result)
             progress.update(1)
             if picture_step:
-                self._log_pictures(batch, result)
+                self._log_pictures(batch)
             if measure:
                 self._log_step(window, progress, time.perf_counter() - window_start, images_in_window)
                 window, window_start, images_in_window = [], time.perf_counter(), 0

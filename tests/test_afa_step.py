@@ -1,0 +1,114 @@
+"""The AFA step's fidelity options (AFA.md §8, the reference implementation's behaviour)."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from afa.engine.afa_step import AFAOptions, afa_losses, pseudo_labels, reference_classification_cam_passes
+from afa.models.network import build_afa_network
+from tests.test_train import CONF
+
+
+def preset(experiment: str) -> AFAOptions:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"experiment={experiment}"])
+    return AFAOptions.from_config(cfg.method)
+
+
+def test_phase_boundaries_are_the_references():
+    voc = preset("afa_voc")
+    # reference: classification while i <= 2000; propagated label once i > 6000
+    assert [voc.phase(i) for i in (0, 2000, 2001, 6000, 6001)] == [
+        "classification", "classification", "par_label", "par_label", "propagated_label"]
+    assert voc.inactive_losses == "zero" and voc.cam_reference_mode is False
+
+
+def test_coco_affinity_labels_switch_to_the_propagated_label():
+    coco, voc = preset("afa_coco"), preset("afa_voc")
+    assert [coco.affinity_source(i) for i in (15000, 15001)] == ["refined", "propagated"]
+    assert coco.phase(15001) == "propagated_label"
+    assert voc.affinity_source(19999) == "refined"
+
+
+@pytest.fixture
+def small():
+    torch.manual_seed(0)
+    network = build_afa_network("tiny", num_classes=3, decoder_dim=16, strides=(4, 2, 2, 1)).train()
+    images = torch.randn(2, 3, 64, 64)
+    labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    boxes = torch.tensor([[0, 64, 0, 64], [0, 64, 0, 64]])
+    options = replace(preset("synthetic"), par=replace(preset("synthetic").par, num_iterations=2))
+    return network, images, labels, boxes, options
+
+
+def grads_after_classification_step(network, images, labels, options):
+    network.zero_grad(set_to_none=True)
+    torch.manual_seed(1)  # the same stochastic-depth draws in both modes
+    full = options.inactive_losses == "zero"
+    output = network(images, with_segmentation=full, with_affinity=full)
+    losses, _ = afa_losses(output, labels, None, "classification", options, network.affinity_grid(64, 64))
+    losses["loss"].backward()
+    return losses
+
+
+def test_zero_weighted_losses_give_zero_gradients(small):
+    network, images, labels, _, options = small
+    zero = grads_after_classification_step(network, images, labels, replace(options, inactive_losses="zero"))
+    decoder_grads = [p.grad for p in network.decoder.parameters()]
+    assert all(g is not None and torch.count_nonzero(g) == 0 for g in decoder_grads)
+    assert all(p.grad is not None and torch.count_nonzero(p.grad) == 0 for p in network.attn_proj.parameters())
+    encoder_grad = next(network.encoder.parameters()).grad.clone()
+    skip = grads_after_classification_step(network, images, labels, replace(options, inactive_losses="skip"))
+    assert all(p.grad is None for p in network.decoder.parameters())
+    torch.testing.assert_close(zero["loss"], skip["loss"])  # the same classification loss
+    assert torch.count_nonzero(encoder_grad) > 0
+
+
+def test_zero_gradients_let_adamw_decay_the_decoder(small):
+    network, images, labels, _, options = small
+    optimizer = torch.optim.AdamW(network.decoder.parameters(), lr=0.1, weight_decay=0.5)
+    before = [p.detach().clone() for p in network.decoder.parameters()]
+    grads_after_classification_step(network, images, labels, replace(options, inactive_losses="zero"))
+    optimizer.step()
+    assert optimizer.state[next(network.decoder.parameters())]["step"] == 1
+    assert any(not torch.equal(a, p) for a, p in zip(before, network.decoder.parameters()))
+
+
+def bn_stats(network):
+    return [b.clone() for m in network.decoder.modules() if isinstance(m, torch.nn.BatchNorm2d)
+            for b in (m.running_mean, m.running_var)]
+
+
+def test_reference_mode_cam_passes_update_decoder_batchnorm(small):
+    network, images, labels, boxes, options = small
+    before = bn_stats(network)
+    default = pseudo_labels(network, images, labels, boxes, options, propagate=True)
+    assert all(torch.equal(a, b) for a, b in zip(before, bn_stats(network)))  # eval-mode passes change nothing
+    assert network.training
+    reference = pseudo_labels(network, images, labels, boxes, replace(options, cam_reference_mode=True), propagate=True)
+    assert any(not torch.equal(a, b) for a, b in zip(before, bn_stats(network)))
+    assert reference["refined"].shape == default["refined"].shape == (2, 64, 64)
+    assert reference["propagated"].shape == (2, 64, 64)
+
+
+def test_reference_mode_equals_train_mode_cam_of_the_network(small):
+    _, images, labels, boxes, options = small
+    # no stochastic depth: the train-mode pass is then deterministic
+    network = build_afa_network("tiny", num_classes=3, decoder_dim=16, drop_path_rate=0.0).train()
+    reference = pseudo_labels(network, images, labels, boxes, replace(options, cam_reference_mode=True), propagate=False)
+    network.train()
+    with torch.no_grad():
+        from afa.ops import multi_scale_cam
+        cams, _ = multi_scale_cam(network.forward_cam, images, options.cam_scales, with_affinity=False)
+    torch.testing.assert_close(reference["cams"], cams)
+
+
+def test_reference_mode_runs_cam_passes_in_the_classification_phase(small):
+    network, images, _, _, options = small
+    before = bn_stats(network)
+    reference_classification_cam_passes(network, images, replace(options, cam_reference_mode=True))
+    # the reference's BatchNorm statistics move from iteration 0, as its CAM passes run then too
+    assert any(not torch.equal(a, b) for a, b in zip(before, bn_stats(network)))
+    assert all(p.grad is None for p in network.parameters())
