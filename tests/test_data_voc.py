@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -207,6 +208,29 @@ def test_check_command_reports_counts_and_problems(voc_root, capsys):
     assert cli(["check", "--layout", "voc", "--root", str(voc_root / "nope"), "--no-progress"]) == 2
 
 
+def test_check_command_uses_the_root_labels_file_and_says_so(voc_root, capsys):
+    # No --labels-file: the packaged labels know none of these images, <root>/cls_labels.json does.
+    assert cli(["check", "--layout", "voc", "--root", str(voc_root), "--split", "mine", "--no-progress"]) == 0
+    output = capsys.readouterr().out
+    labels_lines = [line for line in output.splitlines() if line.startswith("labels file:")]
+    assert len(labels_lines) == 1 and str(voc_root / "cls_labels.json") in labels_lines[0]
+    assert "lack 3 of 3 images" in labels_lines[0] and "problems: 0" in output
+
+
+def test_check_command_unlabelled_flag_and_error_names_it(voc_root, capsys):
+    (voc_root / "cls_labels.json").unlink()
+    args = ["check", "--layout", "voc", "--root", str(voc_root), "--split", "mine", "--no-progress"]
+    assert cli(args) == 2
+    output = capsys.readouterr().out
+    assert "3 of 3 images have no entry in labels file" in output
+    assert "pass --unlabelled" in output and "with_labels" not in output
+    assert cli([*args, "--unlabelled"]) == 0
+    output = capsys.readouterr().out
+    assert "labels file: none (--unlabelled" in output and "problems: 0" in output
+    person_row = next(line for line in output.splitlines() if " person " in line)
+    assert person_row.split()[2:4] == ["-", "1"]  # no labels, present in 1 mask
+
+
 def _voc_sample_root() -> Path | None:
     candidates = [os.environ.get("AFA_VOC_SAMPLE"), "/work/shared/data/voc-sample",
                   Path(__file__).resolve().parents[1].parent / "shared" / "data" / "voc-sample"]
@@ -242,3 +266,18 @@ def test_real_voc_sample_loads_with_right_labels_and_masks():
     assert np.unique(first.numpy()).tolist() == [0, 1, 15, 255]  # aeroplane, person, border
     train = VOCTrainDataset(VOC_SAMPLE, split="coco128_as_voc", labels_file=labels_file, crop_size=64)
     assert len(train) == 97 and train[(0, 1)]["image"].shape == (3, 64, 64)
+
+
+@pytest.mark.skipif(VOC_SAMPLE is None, reason="voc-sample not found (set AFA_VOC_SAMPLE)")
+def test_check_command_on_real_voc_sample_finds_its_labels_file(tmp_path, capsys):
+    root = tmp_path / "VOC2012"
+    shutil.copytree(VOC_SAMPLE, root)  # the shared folder is read-only
+    assert cli(["check", "--layout", "voc", "--root", str(root), "--split", "all", "--no-progress"]) == 0
+    output = capsys.readouterr().out
+    assert f"labels file: {root / 'cls_labels.json'} (found in the dataset root" in output
+    assert "images: 103" in output and "problems: 0" in output
+    assert "note: labels differ" not in output  # these labels were derived from the masks
+    # The 6 genuine VOC images are covered by the packaged standard labels, which stay the default.
+    assert cli(["check", "--layout", "voc", "--root", str(root), "--split", "voc_real", "--no-progress"]) == 0
+    output = capsys.readouterr().out
+    assert f"labels file: {packaged_split_dir('voc') / 'cls_labels.json'}" in output and "images: 6" in output

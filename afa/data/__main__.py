@@ -1,8 +1,12 @@
 """Command line: ``python -m afa.data {check,build-coco,synthetic} ...``.
 
-- ``check --layout {voc,coco,custom,synthetic} --root R [--split S]``: load every image
-  and mask of a split, print per-class counts and problems; exit 1 on problems, 2 when
-  the dataset cannot even be opened.
+- ``check --layout {voc,coco,custom,synthetic} --root R [--split S] [--labels-file F]
+  [--unlabelled]``: load every image and mask of a split, print which labels file was
+  used, per-class counts and problems; exit 1 on problems, 2 when the dataset cannot even
+  be opened. Without ``--labels-file`` the layout's usual labels are used (VOC: the
+  packaged standard labels; COCO: ``<root>/cls_labels_<subset>.json``) and, where those
+  lack the split's images, ``<root>/cls_labels.json`` when it exists. ``--unlabelled``
+  checks images (and masks) of a split that has no image-level labels.
 - ``build-coco --coco-root C --out O --split {train,val}``: VOC-style masks and labels
   from the official instances json (resumable).
 - ``synthetic --root R [--seed N]``: pre-generate the synthetic benchmark.
@@ -16,7 +20,15 @@ from pathlib import Path
 
 from afa.data.check import check_dataset
 from afa.data.coco_masks import build_coco_split
+from afa.data.classes import VOC_CLASSES
 from afa.data.datasets import COCOEvalDataset, CustomEvalDataset, FullImageEvalDataset, VOCEvalDataset
+from afa.data.layouts import (
+    VOC_STANDARD_SPLITS,
+    load_labels_file,
+    packaged_split_dir,
+    read_split_file,
+    resolve_split_file,
+)
 from afa.data.readers import DatasetError
 from afa.data.synthetic import MANIFEST_NAME, SYNTHETIC_CLASSES, prepare_synthetic
 
@@ -40,48 +52,131 @@ def _synthetic_folder(root: Path) -> Path:
     )
 
 
-def _open_dataset(args: argparse.Namespace) -> FullImageEvalDataset:
-    root = Path(args.root)
+ROOT_LABELS_NAME = "cls_labels.json"
+
+# Python-only advice in the library's error messages, and what to type on this command line.
+_CLI_ADVICE = (
+    ("construct the eval dataset with with_labels=False", "pass --unlabelled"),
+    ("with_labels=False", "--unlabelled"),
+    ("pass the right labels_file", "pass the right --labels-file"),
+    ("or pass labels_file", "or pass --labels-file"),
+    ("pass labels_file=<existing file>", "pass --labels-file <existing file>"),
+    ("pass split_file=<path to a list of image names>", "pass --split-file <list of image names>"),
+    ("(or pass mask_dir)", "(or pass --mask-dir)"),
+)
+
+
+def _cli_advice(message: str) -> str:
+    """Rewrite the library's Python-argument advice into this command's flags."""
+    for python_advice, flag_advice in _CLI_ADVICE:
+        message = message.replace(python_advice, flag_advice)
+    return message
+
+
+def _voc_labels_file(args: argparse.Namespace, root: Path) -> tuple[Path, str]:
+    """Labels file for ``--layout voc`` without ``--labels-file``, and why it was picked.
+
+    The layout's own default is the packaged standard labels (VOC 2012 XML annotations);
+    when they lack some of the split's images and ``<root>/cls_labels.json`` exists (as in
+    a sample or a re-labelled copy of VOC), that file is used instead.
+    """
+    packaged = packaged_split_dir("voc") / ROOT_LABELS_NAME
+    local = root / ROOT_LABELS_NAME
+    if not local.is_file():
+        return packaged, "the packaged standard VOC labels"
+    try:
+        split = args.split or "val"
+        names = read_split_file(resolve_split_file(
+            split, args.split_file, VOC_STANDARD_SPLITS, packaged_split_dir("voc"),
+            root / "ImageSets" / "Segmentation",
+        ))
+        known = load_labels_file(packaged, VOC_CLASSES)
+    except (FileNotFoundError, DatasetError, ValueError):
+        # The dataset itself reports an unusable split list with its own message.
+        return local, "found in the dataset root"
+    missing = sum(name not in known for name in names)
+    if not missing:
+        return packaged, "the packaged standard VOC labels cover this split"
+    return local, (
+        f"found in the dataset root; the packaged standard VOC labels lack {missing} of "
+        f"{len(names)} images of this split"
+    )
+
+
+def _coco_labels_file(root: Path, subset: str) -> tuple[Path, str]:
+    """Labels file for ``--layout coco`` without ``--labels-file``, and why it was picked."""
+    expected = root / f"cls_labels_{subset}.json"
+    local = root / ROOT_LABELS_NAME
+    if not expected.is_file() and local.is_file():
+        return local, f"found in the dataset root; {expected.name} is absent"
+    return expected, "the layout's default"
+
+
+def _open_dataset(args: argparse.Namespace) -> tuple[FullImageEvalDataset, str]:
+    """The dataset to check, and a line saying which labels it uses."""
+    root = Path(args.root).expanduser()
     common = {"allow_background_only": True}
+    with_labels = not args.unlabelled
+    if args.labels_file:
+        labels_file, why = Path(args.labels_file), "--labels-file"
+    else:
+        labels_file, why = None, ""
     if args.layout == "voc":
         has_masks = args.mask_dir is not None or any(
             (root / name).is_dir() for name in ("SegmentationClassAug", "SegmentationClass")
         )
-        return VOCEvalDataset(
-            root, split=args.split or "val", split_file=args.split_file, labels_file=args.labels_file,
+        if labels_file is None and with_labels and root.is_dir():
+            labels_file, why = _voc_labels_file(args, root)
+        dataset = VOCEvalDataset(
+            root, split=args.split or "val", split_file=args.split_file, labels_file=labels_file,
             image_ext=args.image_ext or ".jpg", mask_dir=args.mask_dir, with_masks=has_masks,
-            **common,
+            with_labels=with_labels, **common,
         )
-    if args.layout == "synthetic":
+    elif args.layout == "synthetic":
         folder = _synthetic_folder(root)
         split = args.split or "val"
-        return VOCEvalDataset(
+        if labels_file is None:
+            labels_file, why = folder / ROOT_LABELS_NAME, "the synthetic benchmark's labels"
+        dataset = VOCEvalDataset(
             folder, split=split, split_file=folder / "ImageSets" / "Segmentation" / f"{split}.txt",
-            labels_file=folder / "cls_labels.json", class_names=SYNTHETIC_CLASSES, image_ext=".png",
-            **common,
+            labels_file=labels_file, class_names=SYNTHETIC_CLASSES, image_ext=".png",
+            with_labels=with_labels, **common,
         )
-    if args.layout == "coco":
+    elif args.layout == "coco":
         split = args.split or "val"
         subset = args.subset or split
         has_masks = (root / "SegmentationClass" / subset).is_dir()
-        return COCOEvalDataset(
-            root, split=split, split_file=args.split_file, labels_file=args.labels_file, subset=subset,
-            image_ext=args.image_ext or ".jpg", with_masks=has_masks, **common,
+        if labels_file is None and with_labels:
+            labels_file, why = _coco_labels_file(root, subset)
+        dataset = COCOEvalDataset(
+            root, split=split, split_file=args.split_file, labels_file=labels_file, subset=subset,
+            image_ext=args.image_ext or ".jpg", with_masks=has_masks, with_labels=with_labels,
+            **common,
         )
-    if not args.labels_file or not args.class_names:
-        raise ValueError("--layout custom needs --labels-file and --class-names")
-    return CustomEvalDataset(
-        root, labels_file=args.labels_file, class_names=_class_names(args.class_names),
-        split_file=args.split_file, masks_dir=args.mask_dir, **common,
-    )
+    else:
+        if args.unlabelled:
+            raise ValueError(
+                "--unlabelled does not apply to --layout custom, whose images are those its "
+                "--labels-file lists: pass --labels-file and --class-names instead"
+            )
+        if not args.labels_file or not args.class_names:
+            raise ValueError("--layout custom needs --labels-file and --class-names")
+        dataset = CustomEvalDataset(
+            root, labels_file=args.labels_file, class_names=_class_names(args.class_names),
+            split_file=args.split_file, masks_dir=args.mask_dir, **common,
+        )
+    if not with_labels:
+        return dataset, "labels file: none (--unlabelled: images and masks only)"
+    return dataset, f"labels file: {labels_file} ({why})"
 
 
 def _check(args: argparse.Namespace) -> int:
     try:
-        dataset = _open_dataset(args)
+        dataset, labels_line = _open_dataset(args)
     except (FileNotFoundError, DatasetError, ValueError) as error:
-        print(f"cannot open the dataset: {error}")
+        print(f"cannot open the dataset: {_cli_advice(str(error))}")
         return 2
+    print(labels_line)
     report = check_dataset(dataset, show_progress=not args.no_progress)
     print(report.format())
     return 0 if report.ok else 1
@@ -122,7 +217,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--split", help="split name (default val)")
     check.add_argument("--split-file", help="explicit list of image names")
-    check.add_argument("--labels-file", help="image-level labels (JSON or CSV)")
+    check.add_argument(
+        "--labels-file",
+        help="image-level labels (JSON or CSV); default: the layout's usual labels, or "
+        "<root>/cls_labels.json where those lack the split's images",
+    )
+    check.add_argument(
+        "--unlabelled", action="store_true",
+        help="voc/coco/synthetic: the split has no image-level labels; check images and masks only",
+    )
     check.add_argument("--class-names", help="custom: comma-separated foreground names, or a file of names")
     check.add_argument("--mask-dir", help="VOC: mask folder override; custom: folder of <image>.png masks")
     check.add_argument("--image-ext", help="image file extension (default .jpg)")

@@ -31,6 +31,8 @@ class CheckReport:
         problems: one line per problem (file and what is wrong).
         label_mask_disagreements: names whose labels differ from the classes in their mask
             (a note, not a problem: VOC's XML labels differ from its masks on 818 images).
+        with_labels: False when the split was checked without image-level labels
+            (``--unlabelled``): the labelled column is then shown as "-".
     """
 
     description: str
@@ -41,6 +43,7 @@ class CheckReport:
     mask_pixels: np.ndarray | None
     problems: list[str] = field(default_factory=list)
     label_mask_disagreements: list[str] = field(default_factory=list)
+    with_labels: bool = True
 
     @property
     def ok(self) -> bool:
@@ -49,6 +52,8 @@ class CheckReport:
     def format(self) -> str:
         """A human-readable summary."""
         lines = [f"dataset: {self.description}", f"images: {self.num_images}"]
+        if not self.with_labels:
+            lines.append("image-level labels: none (unlabelled split)")
         header = f"{'class':<16} {'labelled':>9}"
         if self.mask_images is not None:
             header += f" {'in mask':>8} {'pixels %':>9}"
@@ -56,7 +61,7 @@ class CheckReport:
         total_pixels = max(1, int(self.mask_pixels.sum())) if self.mask_pixels is not None else 1
         percent = None if self.mask_pixels is None else 100.0 * self.mask_pixels / total_pixels
         for index, name in enumerate(self.class_names):
-            labelled = "-" if index == 0 else str(int(self.labelled_images[index]))
+            labelled = "-" if index == 0 or not self.with_labels else str(int(self.labelled_images[index]))
             row = f"{index:>2} {name:<13} {labelled:>9}"
             if self.mask_images is not None:
                 row += f" {int(self.mask_images[index]):>8} {percent[index]:>9.2f}"
@@ -89,7 +94,8 @@ def check_dataset(dataset: FullImageEvalDataset, show_progress: bool = True) -> 
     mask_images = np.zeros(num_classes + 1, np.int64) if dataset.with_masks else None
     mask_pixels = np.zeros(num_classes + 2, np.int64) if dataset.with_masks else None
     report = CheckReport(
-        dataset.index.description, dataset.class_names, len(dataset), labelled, mask_images, mask_pixels
+        dataset.index.description, dataset.class_names, len(dataset), labelled, mask_images, mask_pixels,
+        with_labels=dataset.with_labels,
     )
     for position in tqdm(range(len(dataset)), desc="checking", disable=not show_progress):
         name = dataset.names[position]
