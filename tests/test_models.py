@@ -227,6 +227,172 @@ def test_missing_file_says_no_download(tmp_path):
         build_afa_network("tiny", num_classes=2, pretrained=str(tmp_path / "mit_b1.pth"))
 
 
+def _to_stages_layout(hf_state, prefix="segformer.encoder.", blocks="blocks"):
+    """Classic HF keys -> a stages layout: stage i holds its patch embedding, blocks and norm."""
+    stages = {}
+    for key, value in hf_state.items():
+        if not key.startswith("segformer.encoder."):
+            stages[key] = value
+            continue
+        name = key[len("segformer.encoder."):]
+        name = re.sub(r"^patch_embeddings\.(\d)\.", r"stages.\1.patch_embeddings.", name)
+        name = re.sub(r"^block\.(\d)\.(\d+)\.", rf"stages.\1.{blocks}.\2.", name)
+        name = re.sub(r"^layer_norm\.(\d)\.", r"stages.\1.layer_norm.", name)
+        assert name.startswith("stages.")
+        stages[prefix + name] = value
+    return stages
+
+
+@pytest.mark.parametrize(
+    "prefix, blocks", [("segformer.encoder.", "blocks"), ("encoder.", "block"), ("segformer.", "blocks"), ("", "blocks")]
+)
+def test_hugging_face_stages_layout_equals_classic(tmp_path, prefix, blocks):
+    reference, _ = _segformer_checkpoint(tmp_path)
+    hf_state = _to_hf_layout(reference.state_dict())
+    stages_state = _to_stages_layout(hf_state, prefix, blocks)
+    assert f"{prefix}stages.3.{blocks}.1.attention.self.value.weight" in stages_state
+    assert f"{prefix}stages.0.layer_norm.weight" in stages_state
+    torch.save(hf_state, tmp_path / "classic.bin")
+    torch.save(stages_state, tmp_path / "stages.bin")
+    classic, stages = build_mit("tiny").eval(), build_mit("tiny").eval()
+    load_pretrained_encoder(classic, tmp_path / "classic.bin")
+    load_pretrained_encoder(stages, tmp_path / "stages.bin")
+    classic_state = classic.state_dict()
+    assert stages.state_dict().keys() == classic_state.keys()
+    for key, value in stages.state_dict().items():
+        torch.testing.assert_close(value, classic_state[key], rtol=0, atol=0)
+    _assert_features_match(reference, stages, torch.randn(1, 3, 64, 64))
+
+
+def test_save_pretrained_folder_with_pytorch_model_bin(tmp_path):
+    reference, _ = _segformer_checkpoint(tmp_path)
+    folder = tmp_path / "segformer-tiny"
+    folder.mkdir()
+    torch.save(_to_hf_layout(reference.state_dict()), folder / "pytorch_model.bin")
+    (folder / "config.json").write_text("{}")
+    encoder = build_mit("tiny").eval()
+    load_pretrained_encoder(encoder, folder)
+    _assert_features_match(reference, encoder, torch.randn(1, 3, 64, 64))
+
+
+def test_save_pretrained_folder_with_safetensors(tmp_path):
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    reference, _ = _segformer_checkpoint(tmp_path)
+    folder = tmp_path / "segformer-tiny"
+    folder.mkdir()
+    state = {k: v.contiguous() for k, v in _to_stages_layout(_to_hf_layout(reference.state_dict())).items()}
+    safetensors_torch.save_file(state, str(folder / "model.safetensors"))
+    encoder = build_mit("tiny").eval()
+    build_afa_network("tiny", num_classes=2, pretrained=str(folder))  # the network builder takes a folder too
+    load_pretrained_encoder(encoder, folder)
+    _assert_features_match(reference, encoder, torch.randn(1, 3, 48, 64))
+
+
+def test_empty_folder_names_folder_and_files(tmp_path):
+    with pytest.raises(CheckpointError) as error:
+        load_pretrained_encoder(build_mit("tiny"), tmp_path)
+    message = str(error.value)
+    assert "\n" not in message
+    assert str(tmp_path) in message and "model.safetensors" in message and "pytorch_model.bin" in message
+
+
+def test_sharded_folder_is_refused_clearly(tmp_path):
+    (tmp_path / "model.safetensors.index.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="sharded checkpoint.*not supported"):
+        load_pretrained_encoder(build_mit("tiny"), tmp_path)
+
+
+DECODER_DIM = 16
+
+
+def _hf_decode_head(embed_dims=TINY.embed_dims, dim=DECODER_DIM, hf_classes=150):
+    generator = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=generator)
+
+    head = {}
+    for index, channels in enumerate(embed_dims):
+        head[f"decode_head.linear_c.{index}.proj.weight"] = rand(dim, channels)
+        head[f"decode_head.linear_c.{index}.proj.bias"] = rand(dim)
+    head["decode_head.linear_fuse.weight"] = rand(dim, dim * len(embed_dims), 1, 1)
+    head["decode_head.batch_norm.weight"] = rand(dim)
+    head["decode_head.batch_norm.bias"] = rand(dim)
+    head["decode_head.batch_norm.running_mean"] = rand(dim)
+    head["decode_head.batch_norm.running_var"] = rand(dim).abs() + 0.5
+    head["decode_head.batch_norm.num_batches_tracked"] = torch.tensor(7)
+    head["decode_head.classifier.weight"] = rand(hf_classes, dim, 1, 1)
+    head["decode_head.classifier.bias"] = rand(hf_classes)
+    return head
+
+
+def _semantic_segmentation_checkpoint(tmp_path, **head_options):
+    reference, _ = _segformer_checkpoint(tmp_path, with_head=False)
+    head = _hf_decode_head(**head_options)
+    path = tmp_path / "segformer_ade.bin"
+    torch.save({**_to_stages_layout(_to_hf_layout(reference.state_dict())), **head}, path)
+    return reference, head, path
+
+
+def test_decode_head_loads_into_decoder_when_asked(tmp_path):
+    reference, head, path = _semantic_segmentation_checkpoint(tmp_path)
+    network = build_afa_network(
+        "tiny", num_classes=3, decoder_dim=DECODER_DIM, pretrained=str(path), pretrained_decoder=True
+    ).eval()
+    _assert_features_match(reference, network.encoder, torch.randn(1, 3, 64, 64))
+    by_hand = build_afa_network("tiny", num_classes=3, decoder_dim=DECODER_DIM).decoder.eval()
+    with torch.no_grad():
+        for index in range(4):
+            projection = getattr(by_hand, f"linear_c{index + 1}").proj
+            projection.weight.copy_(head[f"decode_head.linear_c.{index}.proj.weight"])
+            projection.bias.copy_(head[f"decode_head.linear_c.{index}.proj.bias"])
+        by_hand.linear_fuse.conv.weight.copy_(head["decode_head.linear_fuse.weight"])
+        for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            getattr(by_hand.linear_fuse.bn, name).copy_(head[f"decode_head.batch_norm.{name}"])
+        by_hand.linear_pred.load_state_dict(network.decoder.linear_pred.state_dict())  # never loaded from HF
+        assert network.decoder.linear_pred.weight.shape[0] == 4  # 3 classes + background, not HF's 150
+        features = [torch.randn(2, channels, 16 // 2**i, 16 // 2**i) for i, channels in enumerate(TINY.embed_dims)]
+        torch.testing.assert_close(network.decoder(features), by_hand(features), rtol=0, atol=0)
+    assert int(network.decoder.linear_fuse.bn.num_batches_tracked) == 7
+
+
+def test_decode_head_dropped_with_info_line(tmp_path, caplog):
+    _, head, path = _semantic_segmentation_checkpoint(tmp_path)
+    network = build_afa_network("tiny", num_classes=3, decoder_dim=DECODER_DIM)
+    before = {k: v.clone() for k, v in network.decoder.state_dict().items()}
+    with caplog.at_level("INFO", logger="afa"):
+        load_pretrained_encoder(network.encoder, path)
+    lines = [r.getMessage() for r in caplog.records if r.name == "afa" and r.levelname == "INFO"]
+    assert len(lines) == 1
+    assert f"dropped {len(head)} decode_head tensors" in lines[0] and "model.pretrained_decoder=true" in lines[0]
+    for key, value in network.decoder.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0)
+
+
+def test_no_info_line_without_decode_head(tmp_path, caplog):
+    _, path = _segformer_checkpoint(tmp_path)
+    with caplog.at_level("INFO", logger="afa"):
+        load_pretrained_encoder(build_mit("tiny"), path)
+    assert not [r for r in caplog.records if "decode_head" in r.getMessage()]
+
+
+def test_decode_head_shape_mismatch_names_key_and_shapes(tmp_path):
+    _, _, path = _semantic_segmentation_checkpoint(tmp_path, dim=DECODER_DIM * 2)
+    with pytest.raises(ValueError) as error:
+        build_afa_network("tiny", num_classes=3, decoder_dim=DECODER_DIM, pretrained=str(path), pretrained_decoder=True)
+    message = str(error.value)
+    assert str(path) in message and "linear_c1.proj.weight" in message
+    assert f"({DECODER_DIM * 2}, 32)" in message and f"({DECODER_DIM}, 32)" in message
+
+
+def test_decoder_asked_but_checkpoint_has_no_decode_head(tmp_path):
+    reference, _ = _segformer_checkpoint(tmp_path)
+    path = tmp_path / "encoder_only.bin"
+    torch.save(_to_hf_layout(reference.state_dict()), path)
+    with pytest.raises(CheckpointError, match="no decode_head tensors"):
+        build_afa_network("tiny", num_classes=3, pretrained=str(path), pretrained_decoder=True)
+
+
 def test_cam_only_forward_skips_decoder(monkeypatch):
     network = build_afa_network("tiny", num_classes=4).eval()
     monkeypatch.setattr(network.decoder, "forward", lambda *_: pytest.fail("decoder ran"))

@@ -50,6 +50,7 @@ def build_network(model: DictConfig, num_classes: int, sync_bn: bool = False) ->
         strides=tuple(int(s) for s in model.strides),
         sync_bn=sync_bn,
         pretrained=model.pretrained,
+        pretrained_decoder=bool(model.get("pretrained_decoder", False)),
     )
 
 

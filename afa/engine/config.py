@@ -79,10 +79,15 @@ def _check_model(cfg: DictConfig) -> None:
     if len(strides) != 4 or any(s != int(s) for s in strides):
         raise ConfigError(f"model.strides must be four integers, got {strides}")
     pretrained = _get(cfg, "model.pretrained")
-    if pretrained is not None and not Path(str(pretrained)).expanduser().is_file():
+    if pretrained is not None and not Path(str(pretrained)).expanduser().exists():
         raise ConfigError(
             f"model.pretrained={pretrained} does not exist: give the local path of the weights "
-            "(e.g. SegFormer's mit_b1.pth); nothing is downloaded"
+            "(e.g. SegFormer's mit_b1.pth, or a Hugging Face save_pretrained folder); nothing is downloaded"
+        )
+    if _boolean(cfg, "model.pretrained_decoder") and pretrained is None:
+        raise ConfigError(
+            "model.pretrained_decoder=true needs model.pretrained (a Hugging Face "
+            "SegformerForSemanticSegmentation checkpoint): set it, or model.pretrained_decoder=false"
         )
 
 

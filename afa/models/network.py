@@ -108,6 +108,7 @@ def build_afa_network(
     strides: tuple[int, ...] = (4, 2, 2, 1),
     sync_bn: bool = False,
     pretrained: str | None = None,
+    pretrained_decoder: bool = False,
 ) -> AFANetwork:
     """Build the AFA network, optionally loading ImageNet MiT weights from a local file.
 
@@ -119,17 +120,24 @@ def build_afa_network(
         drop_path_rate: stochastic depth of the encoder.
         strides: encoder strides (AFA: (4, 2, 2, 1)).
         sync_bn: SyncBN in the decoder (only meaningful under torch.distributed).
-        pretrained: path of a SegFormer ``mit_b*.pth`` or Hugging Face Segformer checkpoint.
+        pretrained: path of a SegFormer ``mit_b*.pth`` or Hugging Face Segformer checkpoint
+            (a file or a ``save_pretrained`` folder).
+        pretrained_decoder: also load the decode head of a Hugging Face
+            ``SegformerForSemanticSegmentation`` checkpoint into the decoder (its classifier,
+            sized for other classes, is never loaded). Needs ``pretrained``.
     """
     from afa.models.mit import build_mit
     from afa.models.weights import load_pretrained_encoder
 
+    if pretrained_decoder and not pretrained:
+        raise ValueError("pretrained_decoder=True needs a pretrained checkpoint path")
     encoder = build_mit(backbone, strides=tuple(strides), drop_path_rate=drop_path_rate)
-    if pretrained:
-        load_pretrained_encoder(encoder, pretrained)
-    return AFANetwork(
+    network = AFANetwork(
         encoder, num_classes, pooling=pooling, decoder_dim=decoder_dim, decoder_norm="SyncBN" if sync_bn else "BN"
     )
+    if pretrained:
+        load_pretrained_encoder(encoder, pretrained, decoder=network.decoder if pretrained_decoder else None)
+    return network
 
 
 def parameter_groups(network: AFANetwork, lr: float, weight_decay: float) -> list[dict]:
