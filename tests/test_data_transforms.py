@@ -102,3 +102,28 @@ def test_mask_follows_the_image_geometry(seed):
         eroded[:, [0, -1]] = False
         if eroded.any():
             assert (restored[0][eroded] - red).abs().max() < 2.0
+
+
+@pytest.mark.parametrize("scale", [0.37, 0.55, 1.0, 1.73])
+def test_rescale_equals_the_reference_pil_resize(scale):
+    """AFA.md §9: PIL bilinear (antialiased when shrinking), sides int(scale * side)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    image = rng.integers(0, 256, (47, 101, 3), dtype=np.uint8)
+    mask = rng.integers(0, 21, (47, 101), dtype=np.uint8)
+    augment = TrainAugmentation(crop_size=200, scale_range=(scale, scale), flip_prob=0.0)
+    sample = augment(image, np.random.default_rng(0), mask)
+    size = (int(101 * scale), int(47 * scale))
+    expected = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
+    expected_mask = np.asarray(Image.fromarray(mask).resize(size, Image.Resampling.NEAREST))
+    top, bottom, left, right = sample["valid_box"].tolist()
+    assert (right - left, bottom - top) == size
+    restored = denormalize(sample["image"])[:, top:bottom, left:right].permute(1, 2, 0)
+    torch.testing.assert_close(restored, torch.tensor(expected).float(), atol=1e-3, rtol=0)
+    np.testing.assert_array_equal(sample["mask"][top:bottom, left:right].numpy(), expected_mask)
+    if scale < 1:  # the shrink is antialiased: OpenCV's plain bilinear gives other pixels
+        import cv2
+
+        plain = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
+        assert np.abs(plain.astype(int) - expected.astype(int)).max() > 10

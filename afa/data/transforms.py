@@ -1,6 +1,7 @@
 """Training augmentation and normalisation (AFA.md §9).
 
-Train: random rescale by u ~ U[scale_range] (bilinear), horizontal flip with probability
+Train: random rescale by u ~ U[scale_range] (PIL bilinear, antialiased when shrinking, new
+size ``int(u * side)``: the reference's resize), horizontal flip with probability
 ``flip_prob``, a random S×S crop; where the (rescaled) image is smaller than S it is
 placed at a random offset on an RGB-0 canvas, and the crop's valid box (the part covered
 by the image) is returned. Normalisation with the ImageNet mean/std happens after padding,
@@ -14,6 +15,7 @@ from collections.abc import Sequence
 import mmcv
 import numpy as np
 import torch
+from PIL import Image
 
 from afa.data.classes import IGNORE_INDEX
 
@@ -44,6 +46,25 @@ def normalize_to_tensor(
 def mask_to_tensor(mask: np.ndarray) -> torch.Tensor:
     """(H, W) class indices → contiguous int64 tensor."""
     return torch.from_numpy(np.ascontiguousarray(mask, dtype=np.int64))
+
+
+def rescale(image: np.ndarray, scale: float, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Resize by ``scale`` as the reference does (AFA.md §9): PIL bilinear for the image
+    (antialiased when shrinking, unlike OpenCV's), PIL nearest for the mask, sides ``int(scale * side)``.
+
+    Args:
+        image: (H, W, 3) uint8 RGB.
+        mask: optional (H, W) uint8.
+
+    Returns:
+        (h, w, 3) uint8 and (h, w) uint8 or None, with h = max(1, int(scale·H)), w likewise.
+    """
+    height, width = image.shape[:2]
+    size = (max(1, int(width * scale)), max(1, int(height * scale)))  # PIL takes (width, height)
+    resized = np.asarray(Image.fromarray(image).resize(size, resample=Image.Resampling.BILINEAR))
+    if mask is not None:
+        mask = np.asarray(Image.fromarray(mask).resize(size, resample=Image.Resampling.NEAREST))
+    return resized, mask
 
 
 def _crop_window(size: int, crop_size: int, rng: np.random.Generator) -> tuple[int, int, int]:
@@ -105,13 +126,7 @@ class TrainAugmentation:
             (top, bottom, left, right), half-open, the crop region covered by the image;
             ``mask``: (S, S) int64 with ``ignore_index`` outside the image (if a mask was given).
         """
-        scale = rng.uniform(*self.scale_range)
-        height, width = image.shape[:2]
-        # mmcv takes (width, height)
-        new_size = (max(1, int(round(width * scale))), max(1, int(round(height * scale))))
-        image = mmcv.imresize(image, new_size, interpolation="bilinear")
-        if mask is not None:
-            mask = mmcv.imresize(mask, new_size, interpolation="nearest")
+        image, mask = rescale(image, rng.uniform(*self.scale_range), mask)
         if rng.random() < self.flip_prob:
             image = mmcv.imflip(image, "horizontal")
             mask = None if mask is None else mmcv.imflip(mask, "horizontal")
