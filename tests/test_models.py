@@ -462,3 +462,32 @@ def test_optimizer_follows_schedule_and_freezes_norms():
 
 def test_network_class_is_exported():
     assert isinstance(build_afa_network("tiny", num_classes=2), AFANetwork)
+
+
+@pytest.mark.parametrize("train_mode", [True, False])
+def test_decoder_fuse_layer_equals_mmcv_conv_module(train_mode):
+    """The fuse layer is mmcv's ConvModule(1×1, BN, ReLU) in keys, initialisation and output."""
+    from mmcv.cnn import ConvModule
+
+    from afa.models.heads import ConvNormReLU
+
+    torch.manual_seed(3)
+    reference = ConvModule(24, 8, kernel_size=1, norm_cfg=dict(type="BN", requires_grad=True))
+    after_reference = torch.rand(1)
+    torch.manual_seed(3)
+    ours = ConvNormReLU(24, 8)
+    assert torch.rand(1) == after_reference  # the same random draws, so networks initialise alike
+    assert ours.state_dict().keys() == reference.state_dict().keys()
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[key], value, rtol=0, atol=0)
+    reference.train(train_mode), ours.train(train_mode)
+    x = torch.randn(2, 24, 5, 6)
+    torch.testing.assert_close(ours(x), reference(x), rtol=0, atol=0)
+    torch.testing.assert_close(ours.bn.running_mean, reference.bn.running_mean, rtol=0, atol=0)
+
+
+def test_decoder_norm_layer_is_a_type_the_engine_can_convert():
+    network = build_afa_network("tiny", num_classes=3)
+    assert isinstance(network.decoder.linear_fuse.bn, torch.nn.BatchNorm2d)
+    converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(network)
+    assert isinstance(converted.decoder.linear_fuse.bn, torch.nn.SyncBatchNorm)

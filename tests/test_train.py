@@ -13,6 +13,7 @@ from hydra.errors import ConfigCompositionException
 
 from afa.engine import afa_step as afa_step_module
 from afa.engine import trainer as trainer_module
+from afa.engine import run as run_module
 from afa.engine.config import ConfigError, validate_config
 from afa.engine.log import Logger
 from afa.engine.trainer import NonFiniteLossError, train
@@ -76,7 +77,7 @@ class RecordingLogger(Logger):
 @pytest.fixture
 def recorder(monkeypatch) -> RecordingLogger:
     logger = RecordingLogger()
-    monkeypatch.setattr(trainer_module, "build_logger", lambda *args, **kwargs: logger)
+    monkeypatch.setattr(run_module, "build_logger", lambda *args, **kwargs: logger)
     return logger
 
 
@@ -112,7 +113,7 @@ def test_pictures_leave_training_unchanged(synthetic_root, tmp_path, monkeypatch
     losses = []
     for every in (0, 2):
         logger = RecordingLogger()
-        monkeypatch.setattr(trainer_module, "build_logger", lambda *args, _l=logger, **kwargs: _l)
+        monkeypatch.setattr(run_module, "build_logger", lambda *args, _l=logger, **kwargs: _l)
         train(compose_config(small_overrides(synthetic_root, tmp_path / f"run{every}", **{"train.image_log_every": every})))
         losses.append(_losses(logger))
         assert bool(logger.images) == (every > 0)

@@ -39,8 +39,9 @@ def build_datasets(dataset: DictConfig) -> tuple[Dataset, Dataset | None]:
     return train, val
 
 
-def build_network(model: DictConfig, num_classes: int, sync_bn: bool = False) -> AFANetwork:
-    """The AFA network of ``cfg.model`` for ``num_classes`` foreground classes."""
+def build_network(model: DictConfig, num_classes: int) -> AFANetwork:
+    """The AFA network of ``cfg.model`` for ``num_classes`` foreground classes (on the CPU;
+    the run context places it and converts its BatchNorm for multi-GPU runs)."""
     return build_afa_network(
         backbone=model.backbone,
         num_classes=num_classes,
@@ -48,7 +49,6 @@ def build_network(model: DictConfig, num_classes: int, sync_bn: bool = False) ->
         decoder_dim=model.decoder_dim,
         drop_path_rate=model.drop_path_rate,
         strides=tuple(int(s) for s in model.strides),
-        sync_bn=sync_bn,
         pretrained=model.pretrained,
         pretrained_decoder=bool(model.get("pretrained_decoder", False)),
     )

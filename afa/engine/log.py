@@ -138,6 +138,7 @@ class WandbLogger(Logger):
         group: Optional group, e.g. an experiment name.
         tags: Optional tags.
         run_id: Id of an earlier run to continue (stored in checkpoints as ``wandb_run_id``).
+        job_type: "train", "eval" or a PSA stage, so the wandb UI can group them.
     """
 
     def __init__(
@@ -151,6 +152,7 @@ class WandbLogger(Logger):
         group: str | None = None,
         tags: Sequence[str] | None = None,
         run_id: str | None = None,
+        job_type: str | None = None,
     ) -> None:
         import wandb  # lazily: only runs that log to wandb pay for (and need) it
 
@@ -168,6 +170,7 @@ class WandbLogger(Logger):
             tags=list(tags) if tags else None,
             id=run_id,
             resume="allow" if run_id else None,
+            job_type=job_type,
         )
         self.run_id = self._run.id
         self._finished = False
@@ -242,18 +245,20 @@ def setup_console_logging(
     rank: int = 0,
     level: int = logging.INFO,
     name: str = "afa",
+    file_name: str = "train.log",
 ) -> logging.Logger:
-    """Configures the package logger: console for everyone, ``run_dir/train.log`` on rank 0.
+    """Configures the package logger: console for everyone, ``run_dir/<file_name>`` on rank 0.
 
     Other ranks print warnings and errors only, tagged with their rank. Calling again
     replaces the handlers this function added before (no duplicated lines). Modules log
     with ``logging.getLogger(__name__)`` and reach these handlers through ``afa``.
 
     Args:
-        run_dir: Directory for ``train.log``; None for console only.
+        run_dir: Directory for the log file; None for console only.
         rank: Global rank of this process.
         level: Level for rank 0.
         name: Logger to configure.
+        file_name: The log file's name (``train.log``, ``eval.log``, a PSA stage's).
 
     Returns:
         The configured logger.
@@ -270,7 +275,7 @@ def setup_console_logging(
     handlers: list[logging.Handler] = [console]
     if rank == 0 and run_dir is not None:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
-        file_handler = logging.FileHandler(Path(run_dir) / "train.log", mode="a", encoding="utf-8")
+        file_handler = logging.FileHandler(Path(run_dir) / file_name, mode="a", encoding="utf-8")
         file_handler.setFormatter(logging.Formatter(_FORMAT, _DATE_FORMAT))
         handlers.append(file_handler)
     for handler in handlers:

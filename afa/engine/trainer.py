@@ -1,35 +1,31 @@
 """The single-stage AFA training loop (AFA.md §8), from a composed hydra config.
 
-Devices, processes, files and loggers are decided here once; the network and the ops
-know nothing of them.
+The run context (:mod:`afa.engine.run`) owns devices, processes, files and loggers; this
+module is the loop; the network and the ops know nothing of either.
 """
 from __future__ import annotations
 
 import logging
-import random
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Subset
 
 from afa import viz
 from afa.data import ResumableSampler, SameSizeBatchSampler, build_loader
 from afa.engine.afa_step import AFAOptions, afa_losses, pseudo_labels, reference_classification_cam_passes
 from afa.engine.builders import build_datasets, build_network, build_optimizer_from_config
-from afa.engine.checkpoint import CheckpointManager, capture_rng_state, load_checkpoint, resolve_resume, restore_rng_state
+from afa.engine.checkpoint import capture_rng_state, restore_rng_state
 from afa.engine.config import validate_config
-from afa.engine.dist import DistributedContext, cleanup, init_distributed
 from afa.engine.evaluator import autocast_context, evaluate_afa
-from afa.engine.log import NullLogger, Progress, build_logger, setup_console_logging
+from afa.engine.log import NullLogger, Progress
+from afa.engine.run import RunContext, restore_rank_state
 from afa.metrics import iou_table_rows
 from afa.models.network import AFANetwork
 
@@ -77,110 +73,55 @@ class PhaseTimer:
             self._last = now
 
 
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _resolve_run_dir(cfg: DictConfig) -> Path:
-    if cfg.run_dir is not None:
-        return Path(cfg.run_dir)
-    from hydra.core.hydra_config import HydraConfig
-
-    if HydraConfig.initialized():
-        return Path(HydraConfig.get().runtime.output_dir)
-    return Path("runs") / str(cfg.run_name)
-
-
 class AFATrainer:
-    """One AFA training run: data, network, optimiser, checkpoints, loggers, loop.
+    """One AFA training run: data, network, optimiser and the loop, on a run context.
 
     Args:
         cfg: the composed, validated config.
-        context: this process's place in the (possibly single-process) group.
+        run: the run's context (process, device, directory, checkpoints, logger).
     """
 
-    def __init__(self, cfg: DictConfig, context: DistributedContext) -> None:
+    def __init__(self, cfg: DictConfig, run: RunContext) -> None:
         self.cfg = cfg
-        self.context = context
-        self.device = context.device
-        self.run_dir = _resolve_run_dir(cfg)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        setup_console_logging(self.run_dir, context.rank)
-        _seed_everything(int(cfg.seed))
+        self.run = run
+        self.device = run.device
+        self.run_dir = run.run_dir
+        self.checkpoints = run.checkpoints
+        self.experiment = run.experiment
         self.method = cfg.method
         self.options = AFAOptions.from_config(cfg.method)
         self.max_iters = int(cfg.train.max_iters)
         self.amp = bool(cfg.train.amp) and self.device.type == "cuda"
 
         self.train_dataset, self.val_dataset = build_datasets(cfg.dataset)
+        run.prepare_datasets(self.train_dataset, self.val_dataset)
         self.num_classes = int(self.train_dataset.num_classes)
         self.class_names = list(self.train_dataset.class_names)
-        sync_bn = context.world_size > 1 and self.device.type == "cuda"
-        self.network: AFANetwork = build_network(cfg.model, self.num_classes, sync_bn).to(self.device)
+        self.network: AFANetwork = run.place(build_network(cfg.model, self.num_classes))
         self.optimizer, self.scheduler = build_optimizer_from_config(self.network, cfg.optimizer, self.max_iters)
-        self.sampler = ResumableSampler(len(self.train_dataset), seed=int(cfg.seed), rank=context.rank, world_size=context.world_size)
-        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep_last=int(cfg.train.keep_last))
+        self.sampler = ResumableSampler(len(self.train_dataset), seed=int(cfg.seed), rank=run.dist.rank, world_size=run.world_size)
         self.step = 0
-        self.wandb_run_id: str | None = None
-        self._resume()
-
+        if run.resumed is not None:
+            self._restore(run.resumed)
         self.model = self._wrap(self.network)
-        self.experiment = build_logger(
-            cfg.logger.name,
-            rank=context.rank,
-            **self._logger_options(),
-        )
         self.timer = PhaseTimer(self.device)
 
     # ---------------------------------------------------------------- setup
-    def _logger_options(self) -> dict[str, Any]:
-        if self.cfg.logger.name != "wandb":
-            return {}
-        options = OmegaConf.to_container(self.cfg.logger, resolve=True)
-        options.pop("name")
-        return {
-            **options,
-            "name": str(self.cfg.run_name),
-            "run_dir": self.run_dir,
-            "config": OmegaConf.to_container(self.cfg, resolve=True),
-            "run_id": self.wandb_run_id,
-        }
-
     def _wrap(self, network: AFANetwork) -> torch.nn.Module:
-        model: torch.nn.Module = network
         # Skipping the inactive losses leaves the decoder and affinity head unused in the first phase.
         self.find_unused_parameters = (
-            self.context.world_size > 1 and self.options.inactive_losses == "skip"
+            self.run.world_size > 1 and self.options.inactive_losses == "skip"
             and self.options.phase(self.step) == "classification"
         )
-        if self.context.world_size > 1:
-            device_ids = [self.device.index] if self.device.type == "cuda" else None
-            model = DistributedDataParallel(
-                model, device_ids=device_ids, find_unused_parameters=self.find_unused_parameters
-            )
-        if self.cfg.train.compile:
-            model = torch.compile(model)  # after DDP, as torch's DDP + compile notes advise
-        return model
+        return self.run.wrap(network, self.find_unused_parameters, compile=bool(self.cfg.train.compile))
 
-    def _resume(self) -> None:
-        path = resolve_resume(self.cfg.train.resume, self.checkpoints.run_dir)
-        if path is None:
-            if self.cfg.train.resume == "auto":
-                LOG.info("train.resume=auto: no checkpoint in %s, starting fresh", self.checkpoints.run_dir)
-            return
-        state = load_checkpoint(path, map_location="cpu")
+    def _restore(self, state: dict[str, Any]) -> None:
         self.network.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        samplers = state["sampler"]  # one data position per rank
-        self.sampler.load_state_dict(samplers[self.context.rank] if self.context.rank < len(samplers) else samplers[0])
-        restore_rng_state(state["rng"])
-        self.checkpoints.restore(state)
+        self.sampler.load_state_dict(restore_rank_state(state["sampler"], self.run.dist.rank))
+        restore_rng_state(state["rng"])  # last: building the network drew from the generators
         self.step = int(state["step"])
-        self.wandb_run_id = state.get("wandb_run_id")
-        LOG.info("resumed from %s at iteration %d", path, self.step)
 
     # ---------------------------------------------------------------- data
     def _train_batches(self) -> Iterator[dict]:
@@ -205,7 +146,7 @@ class AFATrainer:
         sizes = dataset.image_sizes
         if max_images is not None and max_images < len(dataset):
             dataset, sizes = Subset(dataset, range(max_images)), sizes[:max_images]
-        batches = SameSizeBatchSampler(sizes, int(self.cfg.eval.batch_size), self.context.rank, self.context.world_size)
+        batches = SameSizeBatchSampler(sizes, int(self.cfg.eval.batch_size), self.run.dist.rank, self.run.world_size)
         return build_loader(
             dataset, batch_sampler=batches, num_workers=int(self.cfg.eval.num_workers),
             pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(0),
@@ -283,11 +224,7 @@ class AFATrainer:
 
     # ---------------------------------------------------------------- bookkeeping
     def _checkpoint_state(self, consumed: int) -> dict[str, Any]:
-        samplers = [self.sampler.state_dict(num_consumed=consumed)]
-        if self.context.world_size > 1:
-            gathered: list[Any] = [None] * self.context.world_size
-            torch.distributed.all_gather_object(gathered, samplers[0])
-            samplers = gathered
+        samplers = self.run.gather_objects(self.sampler.state_dict(num_consumed=consumed))  # one per rank
         return {
             "model": self.network.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -300,9 +237,7 @@ class AFATrainer:
 
     def _save(self, consumed: int, metric: float | None = None) -> None:
         state = self._checkpoint_state(consumed)  # collective under DDP: every rank takes part
-        if self.context.is_main:
-            is_best = self.checkpoints.save(self.step, state, metric=metric)
-            LOG.info("checkpoint %s%s", self.checkpoints.last_path, " (best)" if is_best else "")
+        self.run.save_checkpoint(self.step, state, metric)
 
     def _log_step(self, window: list[StepResult], progress: Progress, seconds: float, images_seen: int) -> None:
         means = {k: torch.stack([r.losses[k].detach().float() for r in window if k in r.losses]).mean()
@@ -370,11 +305,11 @@ class AFATrainer:
         log_every, eval_every = int(train.log_every), int(train.eval_every)
         image_every, checkpoint_every = int(train.image_log_every), int(train.checkpoint_every)
         batch_size = int(train.batch_size)
-        if self.context.is_main:
+        if self.run.is_main:
             LOG.info("run directory: %s", self.run_dir.resolve())
             LOG.info("to resume if interrupted: python train.py run_name=%s train.resume=auto", self.cfg.run_name)
         batches = self._train_batches()
-        progress = Progress(self.max_iters, initial=self.step, enabled=self.context.is_main, desc="train")
+        progress = self.run.progress(self.max_iters, "train", initial=self.step)
         window: list[StepResult] = []
         window_start, images_in_window = time.perf_counter(), 0
         consumed = 0
@@ -383,7 +318,7 @@ class AFATrainer:
         while self.step < self.max_iters:
             measure = log_every > 0 and (self.step + 1) % log_every == 0
             # Pictures only where a logger keeps them (NullLogger would discard the pass).
-            picture_step = (image_every > 0 and (self.step + 1) % image_every == 0 and self.context.is_main
+            picture_step = (image_every > 0 and (self.step + 1) % image_every == 0 and self.run.is_main
                             and not isinstance(self.experiment, NullLogger))
             phase = self.options.phase(self.step)
             self.timer.start(measure)
@@ -395,7 +330,7 @@ class AFATrainer:
             consumed += batch_size
             result = self._train_step(batch)
             self.step += 1
-            images_in_window += batch_size * self.context.world_size
+            images_in_window += batch_size * self.run.world_size
             window.append(result)
             progress.update(1)
             if picture_step:
@@ -425,19 +360,9 @@ class AFATrainer:
             })
         return summary
 
-    def close(self) -> None:
-        self.experiment.finish()
-
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Validate ``cfg``, run AFA training, and return the final summary (rank 0's view)."""
     validate_config(cfg)
-    context = init_distributed(backend=cfg.train.backend, device=cfg.device)
-    trainer = None
-    try:
-        trainer = AFATrainer(cfg, context)
-        return trainer.fit()
-    finally:
-        if trainer is not None:
-            trainer.close()
-        cleanup()
+    with RunContext(cfg, resume=cfg.train.resume, job="train") as run:
+        return AFATrainer(cfg, run).fit()

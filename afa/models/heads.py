@@ -5,7 +5,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from mmcv.cnn import ConvModule
 from torch import Tensor, nn
 
 
@@ -49,6 +48,26 @@ class TokenProjection(nn.Module):
         return self.proj(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
+class ConvNormReLU(nn.Module):
+    """1×1 conv (no bias) → norm → ReLU, with the keys (``conv``, ``bn``) and initialisation
+    (Kaiming normal, fan-out) of the mmcv ``ConvModule`` the SegFormer checkpoints were saved from.
+
+    Args:
+        norm_layer: the norm's type (``nn.BatchNorm2d``; the engine converts to SyncBN).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, norm_layer: type[nn.Module] = nn.BatchNorm2d) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False)
+        self.bn = norm_layer(out_channels)
+        self.activate = nn.ReLU(inplace=True)
+        nn.init.kaiming_normal_(self.conv.weight, a=0, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (B, C_in, h, w) -> (B, C_out, h, w)."""
+        return self.activate(self.bn(self.conv(x)))
+
+
 class SegFormerHead(nn.Module):
     """SegFormer's all-MLP decoder (AFA.md §2), output at stage 1's resolution.
 
@@ -57,7 +76,7 @@ class SegFormerHead(nn.Module):
         num_classes: K, background included.
         embed_dim: E, width of the projected features.
         dropout: Dropout2d probability before the classifier.
-        norm_type: ``BN`` or ``SyncBN`` (for distributed training) in the fuse layer.
+        norm_layer: the fuse layer's norm type.
     """
 
     def __init__(
@@ -66,15 +85,13 @@ class SegFormerHead(nn.Module):
         num_classes: int,
         embed_dim: int = 256,
         dropout: float = 0.1,
-        norm_type: str = "BN",
+        norm_layer: type[nn.Module] = nn.BatchNorm2d,
     ) -> None:
         super().__init__()
         for index, channels in enumerate(in_channels, start=1):
             self.add_module(f"linear_c{index}", TokenProjection(channels, embed_dim))
         self.num_inputs = len(in_channels)
-        self.linear_fuse = ConvModule(
-            embed_dim * len(in_channels), embed_dim, kernel_size=1, norm_cfg=dict(type=norm_type, requires_grad=True)
-        )
+        self.linear_fuse = ConvNormReLU(embed_dim * len(in_channels), embed_dim, norm_layer)
         self.dropout = nn.Dropout2d(dropout)
         self.linear_pred = nn.Conv2d(embed_dim, num_classes, kernel_size=1)
 

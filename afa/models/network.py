@@ -31,7 +31,7 @@ class AFANetwork(nn.Module):
         num_classes: foreground classes C (the decoder predicts C + 1 with background).
         pooling: ``gmp`` (global max pooling, AFA's default) or ``gap``.
         decoder_dim: E, the SegFormer decoder width.
-        decoder_norm: ``BN`` or ``SyncBN`` for the decoder's fuse layer.
+        decoder_norm_layer: the norm type of the decoder's fuse layer (``nn.BatchNorm2d``).
     """
 
     def __init__(
@@ -40,7 +40,7 @@ class AFANetwork(nn.Module):
         num_classes: int,
         pooling: str = "gmp",
         decoder_dim: int = 256,
-        decoder_norm: str = "BN",
+        decoder_norm_layer: type[nn.Module] = nn.BatchNorm2d,
     ) -> None:
         super().__init__()
         if pooling not in ("gmp", "gap"):
@@ -50,7 +50,7 @@ class AFANetwork(nn.Module):
         self.encoder = encoder
         self.classifier = nn.Conv2d(encoder.embed_dims[-1], num_classes, kernel_size=1, bias=False)
         self.attn_proj = AttentionAffinity(encoder.attention_channels)
-        self.decoder = SegFormerHead(encoder.embed_dims, num_classes + 1, decoder_dim, norm_type=decoder_norm)
+        self.decoder = SegFormerHead(encoder.embed_dims, num_classes + 1, decoder_dim, norm_layer=decoder_norm_layer)
 
     def pool(self, features: Tensor) -> Tensor:
         """features: (B, D, h, w) -> (B, D, 1, 1)."""
@@ -106,7 +106,6 @@ def build_afa_network(
     decoder_dim: int = 256,
     drop_path_rate: float = 0.1,
     strides: tuple[int, ...] = (4, 2, 2, 1),
-    sync_bn: bool = False,
     pretrained: str | None = None,
     pretrained_decoder: bool = False,
 ) -> AFANetwork:
@@ -119,7 +118,6 @@ def build_afa_network(
         decoder_dim: SegFormer decoder width E.
         drop_path_rate: stochastic depth of the encoder.
         strides: encoder strides (AFA: (4, 2, 2, 1)).
-        sync_bn: SyncBN in the decoder (only meaningful under torch.distributed).
         pretrained: path of a SegFormer ``mit_b*.pth`` or Hugging Face Segformer checkpoint
             (a file or a ``save_pretrained`` folder).
         pretrained_decoder: also load the decode head of a Hugging Face
@@ -133,8 +131,7 @@ def build_afa_network(
         raise ValueError("pretrained_decoder=True needs a pretrained checkpoint path")
     encoder = build_mit(backbone, strides=tuple(strides), drop_path_rate=drop_path_rate)
     network = AFANetwork(
-        encoder, num_classes, pooling=pooling, decoder_dim=decoder_dim, decoder_norm="SyncBN" if sync_bn else "BN"
-    )
+        encoder, num_classes, pooling=pooling, decoder_dim=decoder_dim)
     if pretrained:
         load_pretrained_encoder(encoder, pretrained, decoder=network.decoder if pretrained_decoder else None)
     return network
