@@ -1,25 +1,22 @@
 """Segmentation and image-label metrics that accumulate on the device (AFA.md §10).
 
 Both accumulators keep integer counts in one tensor on the device of the predictions,
-update without any host synchronisation, and sum across ranks with ``reduce_()`` when
-``torch.distributed`` is initialised. ``compute()`` is the only place that reads values
-back to the host.
+update without any host synchronisation, and sum across ranks with ``reduce_(reduce_sum)``,
+the in-place sum the engine provides (the metrics know nothing of processes).
+``compute()`` is the only place that reads values back to the host.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
-import torch.distributed as dist
 
 from afa.data.classes import IGNORE_INDEX
 
 
-def _all_reduce_sum_(counts: torch.Tensor) -> None:
-    """Sums ``counts`` over all ranks in place; a no-op without a process group."""
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+ReduceSum = Callable[[torch.Tensor], object]
+"""Sums a tensor over the ranks in place (e.g. ``RunContext.reduce_sum_``)."""
 
 
 def _ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
@@ -50,7 +47,7 @@ class ConfusionMatrix:
     Example:
         >>> matrix = ConfusionMatrix(21)
         >>> matrix.update(prediction, target)  # (B, H, W) int64 each
-        >>> matrix.reduce_().compute()["miou"]
+        >>> matrix.reduce_(run.reduce_sum_).compute()["miou"]
     """
 
     def __init__(
@@ -108,11 +105,12 @@ class ConfusionMatrix:
         # scatter into a fixed-size buffer: torch.bincount reads the max back to the host on CUDA.
         self._counts.index_add_(0, cell, torch.ones_like(cell))
 
-    def reduce_(self) -> ConfusionMatrix:
-        """Sums the counts over all ranks in place (no-op single-process); returns self."""
+    def reduce_(self, reduce_sum: ReduceSum | None = None) -> ConfusionMatrix:
+        """Sums the counts over all ranks in place with ``reduce_sum`` (None: one process); returns self."""
         if self._reduced:
             raise RuntimeError("ConfusionMatrix.reduce_() called twice; it would double-count other ranks")
-        _all_reduce_sum_(self._counts)
+        if reduce_sum is not None:
+            reduce_sum(self._counts)
         self._reduced = True
         return self
 
@@ -207,12 +205,13 @@ class MultiLabelCounts:
         per_image = torch.stack([true_positive, false_positive, false_negative], dim=1).sum(dim=2)
         self._sample_f1_sum += _f1(per_image[:, 0], per_image[:, 1], per_image[:, 2]).nan_to_num(0.0).sum()
 
-    def reduce_(self) -> MultiLabelCounts:
-        """Sums the counts over all ranks in place (no-op single-process); returns self."""
+    def reduce_(self, reduce_sum: ReduceSum | None = None) -> MultiLabelCounts:
+        """Sums the counts over all ranks in place with ``reduce_sum`` (None: one process); returns self."""
         if self._reduced:
             raise RuntimeError("MultiLabelCounts.reduce_() called twice; it would double-count other ranks")
-        _all_reduce_sum_(self._counts)
-        _all_reduce_sum_(self._sample_f1_sum)
+        if reduce_sum is not None:
+            reduce_sum(self._counts)
+            reduce_sum(self._sample_f1_sum)
         self._reduced = True
         return self
 

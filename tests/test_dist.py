@@ -52,8 +52,8 @@ def worker(rank: int, world_size: int, port: int) -> None:
         assert context.is_main == (rank == 0) and dist_module.is_distributed()
         batches = make_data()
         shard_matrix, shard_counts = accumulate(batches[rank::world_size])
-        shard_matrix.reduce_()
-        shard_counts.reduce_()
+        shard_matrix.reduce_(all_reduce_sum_)
+        shard_counts.reduce_(all_reduce_sum_)
         full_matrix, full_counts = accumulate(batches)  # one process seeing everything
         assert torch.equal(shard_matrix.matrix, full_matrix.matrix)
         assert shard_matrix.compute() == full_matrix.compute()

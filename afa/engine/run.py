@@ -16,13 +16,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
+import torch.distributed as torch_dist
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from afa.engine.checkpoint import CheckpointManager, load_checkpoint, resolve_resume
-from afa.engine.dist import DistributedContext, barrier, cleanup, init_distributed
+from afa.engine.dist import DistributedContext, all_reduce_sum_, barrier, cleanup, init_distributed
 from afa.engine.log import Logger, Progress, build_logger, setup_console_logging
 
 LOG = logging.getLogger("afa")
@@ -113,16 +113,14 @@ class RunContext:
 
     def reduce_sum_(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sums ``tensor`` over ranks in place (the reducer metrics take) and returns it."""
-        if self.world_size > 1:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        return tensor
+        return all_reduce_sum_(tensor)
 
     def gather_objects(self, obj: Any) -> list[Any]:
         """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` alone."""
         if self.world_size == 1:
             return [obj]
         gathered: list[Any] = [None] * self.world_size
-        dist.all_gather_object(gathered, obj)
+        torch_dist.all_gather_object(gathered, obj)
         return gathered
 
     def prepare_datasets(self, *datasets: Any) -> None:
