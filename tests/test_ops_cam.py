@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from afa.constants import IGNORE_INDEX as SHARED_IGNORE_INDEX
 from afa.data.classes import IGNORE_INDEX as DATA_IGNORE_INDEX
 from afa.ops import (
     IGNORE_INDEX,
@@ -89,8 +90,8 @@ def test_combination_rules():
     assert combined.tolist() == [[[0, IGN, 2, 3, IGN]]]
 
 
-def test_ignore_index_agrees_with_data_layer():
-    assert IGNORE_INDEX == DATA_IGNORE_INDEX == IGN
+def test_ignore_index_is_the_one_of_afa_constants_in_ops_and_data():
+    assert IGNORE_INDEX == DATA_IGNORE_INDEX == SHARED_IGNORE_INDEX == IGN
 
 
 def test_training_labels_never_mark_padding_as_background():

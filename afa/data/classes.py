@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-IGNORE_INDEX = 255
+from afa.constants import IGNORE_INDEX  # noqa: F401  (defined once there, shared with afa.ops)
 
 VOC_CLASSES: tuple[str, ...] = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",

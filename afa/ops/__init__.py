@@ -1,4 +1,5 @@
 """The AFA method as pure, batched tensor functions (AFA.md §3–§8, §10)."""
+from afa.constants import IGNORE_INDEX
 from afa.ops.affinity import (
     affinity_labels_from_segmentation,
     affinity_loss,
@@ -15,7 +16,6 @@ from afa.ops.cam import (
     valid_cams,
 )
 from afa.ops.classes import (
-    IGNORE_INDEX,
     class_channel_index,
     masked_softmax,
     present_class_mask,

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from afa.ops.classes import IGNORE_INDEX
+from afa.constants import IGNORE_INDEX
 
 
 @functools.lru_cache(maxsize=16)

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from afa.constants import IGNORE_INDEX
 from afa.ops.boxes import valid_box_mask
-from afa.ops.classes import IGNORE_INDEX
 
 
 class CamFunction(Protocol):

@@ -9,9 +9,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-# Mirrors afa.data.classes.IGNORE_INDEX (tests check they agree); ops do not import afa.data.
-IGNORE_INDEX: int = 255
-
 
 def present_class_mask(labels: Tensor) -> Tensor:
     """Background plus the image's present classes.

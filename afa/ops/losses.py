@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from afa.ops.classes import IGNORE_INDEX
+from afa.constants import IGNORE_INDEX
 
 
 def multilabel_soft_margin_loss(logits: Tensor, labels: Tensor) -> Tensor:

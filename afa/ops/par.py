@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from afa.constants import IGNORE_INDEX
 from afa.ops.boxes import resample_boxes_bilinear, valid_box_mask
 from afa.ops.cam import combine_threshold_labels
-from afa.ops.classes import IGNORE_INDEX, class_channel_index, threshold_class_scores
+from afa.ops.classes import class_channel_index, threshold_class_scores
 from afa.ops.sparse import fixed_width_csr, index_dtype_for
 
 DEFAULT_DILATIONS: tuple[int, ...] = (1, 2, 4, 8, 12, 24)

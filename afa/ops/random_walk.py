@@ -8,10 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from afa.constants import IGNORE_INDEX
 from afa.ops.affinity import local_window_mask, local_window_neighbours
 from afa.ops.boxes import valid_box_mask
 from afa.ops.cam import combine_threshold_labels
-from afa.ops.classes import IGNORE_INDEX, class_channel_index, threshold_class_scores
+from afa.ops.classes import class_channel_index, threshold_class_scores
 from afa.ops.par import DEFAULT_DILATIONS, pixel_adaptive_refinement_in_boxes
 from afa.ops.sparse import fixed_width_csr, index_dtype_for
 
