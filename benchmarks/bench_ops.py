@@ -22,6 +22,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import afa.ops as ops  # noqa: E402
+from afa.engine.afa_step import resolve_propagation  # noqa: E402
+from afa.ops.random_walk import _random_walk  # noqa: E402
 from tests import reference_ops as ref  # noqa: E402
 
 
@@ -124,7 +126,7 @@ def main() -> None:
     torch.manual_seed(0)
     x = build_inputs(args, device)
     network = SmallCamNetwork(args.classes).to(device).eval()
-    window = ops.local_window_mask(x["grid"], x["grid"], 8, device)
+    implementation = resolve_propagation("auto", device)  # training's default choice
     # The reference trainer builds its windows once, so the reference rows get them ready-made.
     reference_window = ref.reference_window_mask(x["grid"], x["grid"], 8, device)
     label_grid = args.crop // 16
@@ -134,12 +136,9 @@ def main() -> None:
     on_grid = F.interpolate(x["cams"], size=(x["grid"], x["grid"]), mode="bilinear", align_corners=False)
     affinity_targets = ops.affinity_labels_from_segmentation(x["segmentation"], label_grid)
 
-    def random_walk_dense():
-        transition = ops.random_walk_transition(x["affinity"], window)
-        return ops.propagate_cams_per_threshold(on_grid, x["labels"], transition, thresholds)
-
-    def random_walk_windowed():
-        return ops.propagate_cams_in_window(on_grid, x["labels"], x["affinity"], thresholds)
+    def random_walk(implementation: str):  # the step below the label, all classes kept
+        return lambda: _random_walk(on_grid.flatten(2), x["labels"], ops.class_channel_index(x["labels"]),
+                                    x["affinity"], (x["grid"], x["grid"]), 8, thresholds, implementation)
 
     def reference_random_walk():
         return torch.stack([ref.reference_propagate(on_grid, x["labels"], x["affinity"], reference_window, tau)
@@ -159,11 +158,12 @@ def main() -> None:
                                           max_classes_per_image=most),
          lambda: ref.reference_refine_cams_with_par(x["images"], x["cams"], x["labels"], x["boxes"], thresholds),
          agreement),
-        (f"random walk N={x['grid'] ** 2}, 2 τ, window", random_walk_windowed, reference_random_walk, max_difference),
-        (f"random walk N={x['grid'] ** 2}, 2 τ, dense T", random_walk_dense, reference_random_walk, max_difference),
+        (f"random walk N={x['grid'] ** 2}, 2 τ, window", random_walk("windowed"), reference_random_walk,
+         max_difference),
+        (f"random walk N={x['grid'] ** 2}, 2 τ, dense T", random_walk("dense"), reference_random_walk, max_difference),
         (f"propagated label §7 (≤{most} classes)",
          lambda: ops.propagate_cams_with_affinity(x["cams"], x["labels"], x["affinity"], x["images"], x["boxes"],
-                                                  max_classes_per_image=most),
+                                                  implementation=implementation, max_classes_per_image=most),
          lambda: ref.reference_propagate_with_affinity(x["cams"], x["labels"], x["affinity"], x["images"],
                                                        x["boxes"], grid=(x["grid"], x["grid"])),
          agreement),

@@ -6,7 +6,15 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from afa.engine.afa_step import AFAOptions, afa_losses, pseudo_labels, reference_classification_cam_passes
+from afa.engine.afa_step import (
+    AFAOptions,
+    afa_losses,
+    pseudo_labels,
+    reference_classification_cam_passes,
+    resolve_propagation,
+)
+from afa.engine.evaluator import predict_afa_batch_with_cams
+from afa.ops import random_walk as random_walk_module
 from afa.models.network import build_afa_network
 from tests.test_train import CONF
 
@@ -112,3 +120,32 @@ def test_reference_mode_runs_cam_passes_in_the_classification_phase(small):
     # the reference's BatchNorm statistics move from iteration 0, as its CAM passes run then too
     assert any(not torch.equal(a, b) for a, b in zip(before, bn_stats(network)))
     assert all(p.grad is None for p in network.parameters())
+
+
+def test_propagation_option_resolves_by_device():
+    assert preset("afa_voc").propagation == "auto"
+    assert resolve_propagation("auto", "cpu") == "windowed"
+    assert resolve_propagation("auto", torch.device("cuda", 0)) == "dense"
+    assert resolve_propagation("dense", "cpu") == "dense" and resolve_propagation("windowed", "cuda") == "windowed"
+    with pytest.raises(ValueError, match="method.affinity.propagation='sparse'"):
+        resolve_propagation("sparse", "cpu")
+
+
+def test_dense_and_windowed_propagation_give_the_same_labels(small, monkeypatch):
+    sparse_products = []  # "windowed" on a window smaller than half the grid builds a sparse matrix
+    original = random_walk_module.fixed_width_csr
+    monkeypatch.setattr(random_walk_module, "fixed_width_csr", lambda *a: sparse_products.append(1) or original(*a))
+    network, _, labels, _, options = small
+    options = replace(options, radius=1)  # a 3×3 window on the 8×8 grid: the sparse product runs
+    images = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(2))
+    boxes = torch.tensor([[0, 128, 0, 128], [0, 96, 16, 128]])
+    propagated = {
+        choice: pseudo_labels(network, images, labels, boxes, replace(options, propagation=choice), propagate=True)
+        ["propagated"] for choice in ("dense", "windowed")}
+    assert torch.equal(propagated["dense"], propagated["windowed"]) and len(sparse_products) == 1
+    network.eval()
+    evaluated = {
+        choice: predict_afa_batch_with_cams(network, images, labels, (128, 128), (1.0,), 0.45, 0.35, 1,
+                                            propagation=choice)[1]["propagated"]
+        for choice in ("dense", "windowed")}
+    assert torch.equal(evaluated["dense"], evaluated["windowed"]) and len(sparse_products) == 2

@@ -7,15 +7,14 @@ from afa.ops import (
     affinity_labels_from_segmentation,
     affinity_loss,
     balanced_segmentation_loss,
-    local_window_mask,
+    class_channel_index,
     multi_scale_cam,
     multilabel_soft_margin_loss,
     pixel_adaptive_refinement,
-    propagate_cams,
     propagate_cams_with_affinity,
-    random_walk_transition,
     refine_cams_with_par,
 )
+from afa.ops.random_walk import _random_walk
 from tests.reference_ops import random_images, random_labels_and_boxes
 from tests.test_ops_cam import FakeCamNetwork
 
@@ -35,16 +34,17 @@ def _inputs():
 
 def test_float32_inputs_give_float32_results_under_autocast():
     images, cams, labels, boxes, affinity = _inputs()
-    grid = dict(radius=1, grid_size=(2, 3))
+    grid = dict(implementation="dense", radius=1, grid_size=(2, 3))
+
+    walk_affinity = torch.rand(2, 20, 20, generator=torch.Generator().manual_seed(5))  # a 4×5 grid, r = 1
 
     def run():
-        window = local_window_mask(2, 3, 1)
-        transition = random_walk_transition(affinity, window)
         return (
             pixel_adaptive_refinement(images, cams),
             refine_cams_with_par(images, cams, labels, boxes),
             propagate_cams_with_affinity(cams, labels, affinity, images, boxes, **grid),
-            propagate_cams(cams[:, :, :2, :3], labels, transition, 0.35),
+            *(_random_walk(cams[:, :, :4, :5].flatten(2), labels, class_channel_index(labels), walk_affinity,
+                           (4, 5), 1, (0.35, 0.55), choice) for choice in ("dense", "windowed")),
         )
 
     plain = run()
@@ -56,7 +56,7 @@ def test_float32_inputs_give_float32_results_under_autocast():
 
 def test_low_precision_inputs_stay_finite_and_close():
     images, cams, labels, boxes, affinity = _inputs()
-    grid = dict(radius=1, grid_size=(2, 3))
+    grid = dict(implementation="dense", radius=1, grid_size=(2, 3))
     with _bf16_autocast():
         refined = pixel_adaptive_refinement(images.bfloat16(), cams.bfloat16())
         par_label = refine_cams_with_par(images.bfloat16(), cams.bfloat16(), labels, boxes)

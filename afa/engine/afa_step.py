@@ -23,8 +23,23 @@ from afa.ops import (
     propagate_cams_with_affinity,
     refine_cams_with_par,
 )
+from afa.ops.random_walk import RandomWalkImplementation
 
 Phase = Literal["classification", "par_label", "propagated_label"]
+Propagation = Literal["auto", "dense", "windowed"]
+
+
+def resolve_propagation(option: str, device: torch.device | str) -> RandomWalkImplementation:
+    """The random walk's implementation for ``method.affinity.propagation`` on ``device``.
+
+    ``auto``: the dense masked T on CUDA, the sparse window product elsewhere, each the
+    faster there (docs/ops-notes.md); ``dense`` and ``windowed`` are taken as given.
+    """
+    if option == "auto":
+        return "dense" if torch.device(device).type == "cuda" else "windowed"
+    if option not in ("dense", "windowed"):
+        raise ValueError(f"method.affinity.propagation={option!r}; expected auto, dense or windowed")
+    return option  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -56,6 +71,7 @@ class AFAOptions:
     cam_reference_mode: bool
     par: PAROptions
     radius: int
+    propagation: Propagation
     seg_weight: float
     aff_weight: float
     inactive_losses: Literal["zero", "skip"]
@@ -64,6 +80,8 @@ class AFAOptions:
     def from_config(cls, method: DictConfig) -> AFAOptions:
         par = method.par
         after = method.get("affinity_from_propagated_after")
+        propagation = str(method.affinity.get("propagation", "auto"))
+        resolve_propagation(propagation, "cpu")  # a bad value fails here, not at the first propagated label
         return cls(
             cam_iters=int(method.cam_iters),
             switch_iters=int(method.switch_iters),
@@ -74,6 +92,7 @@ class AFAOptions:
             cam_reference_mode=bool(method.cam.get("reference_mode", False)),
             par=PAROptions(tuple(int(d) for d in par.dilations), int(par.num_iterations), float(par.w1), float(par.w2)),
             radius=int(method.affinity.radius),
+            propagation=propagation,  # type: ignore[arg-type]
             seg_weight=float(method.loss.seg_weight),
             aff_weight=float(method.loss.aff_weight),
             inactive_losses=str(method.get("inactive_losses", "zero")),  # type: ignore[arg-type]
@@ -146,7 +165,8 @@ def pseudo_labels(
         result = {"cams": cams, "refined": refined}
         if propagate:
             result["propagated"] = propagate_cams_with_affinity(
-                cams, labels, affinity, images, boxes, (options.low_thre, options.high_thre),
+                cams, labels, affinity, images, boxes, thresholds=(options.low_thre, options.high_thre),
+                implementation=resolve_propagation(options.propagation, images.device),
                 radius=options.radius, max_classes_per_image=max_classes, **par,
             )
     return result

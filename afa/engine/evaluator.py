@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from afa.engine.afa_step import resolve_propagation
 from afa.metrics import ConfusionMatrix, MultiLabelCounts
 from afa.models.network import AFANetwork
-from afa.ops import cam_to_label, multi_scale_cam, propagate_cams_for_evaluation
+from afa.ops import cam_to_label, multi_scale_cam, propagate_cams_with_affinity
 
 
 def autocast_context(device: torch.device, enabled: bool):
@@ -49,33 +50,6 @@ class AFAValidation:
 
 
 @torch.no_grad()
-def predict_afa_batch(
-    network: AFANetwork,
-    images: Tensor,
-    labels: Tensor,
-    output_size: tuple[int, int],
-    cam_scales: Sequence[float],
-    bkg_score: float,
-    propagation_bkg_score: float,
-    radius: int,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """Class logits and the three label maps of AFA.md §10 for same-size images.
-
-    Args:
-        images: (B, 3, H, W) normalised, unpadded.
-        labels: (B, C) ground-truth image labels (CAM labels keep only present classes).
-        output_size: (H_label, W_label).
-
-    Returns:
-        class_logits (B, C) and {"cam", "propagated", "segmentation"}: (B, H_label, W_label).
-    """
-    class_logits, predictions, _ = predict_afa_batch_with_cams(
-        network, images, labels, output_size, cam_scales, bkg_score, propagation_bkg_score, radius
-    )
-    return class_logits, predictions
-
-
-@torch.no_grad()
 def predict_afa_batch_with_cams(
     network: AFANetwork,
     images: Tensor,
@@ -86,14 +60,21 @@ def predict_afa_batch_with_cams(
     propagation_bkg_score: float,
     radius: int,
     affinity: Tensor | None = None,
+    propagation: str = "auto",
 ) -> tuple[Tensor, dict[str, Tensor], Tensor]:
-    """`predict_afa_batch`, also returning the CAMs, for analysis.
+    """Class logits, the three label maps of AFA.md §10 and the CAMs for same-size images.
 
     Args:
+        images: (B, 3, H, W) normalised, unpadded.
+        labels: (B, C) ground-truth image labels (CAM labels keep only present classes).
+        output_size: (H_label, W_label).
         affinity: (B, N, N) to propagate with instead of the network's (e.g. a perfect one).
+        propagation: the random walk's implementation, ``method.affinity.propagation``
+            (auto, dense or windowed; see `resolve_propagation`).
 
     Returns:
-        class_logits (B, C), the label maps, and the CAMs (B, C, H_label, W_label).
+        class_logits (B, C), {"cam", "propagated", "segmentation"}: (B, H_label, W_label),
+        and the CAMs (B, C, H_label, W_label).
     """
     output = network(images, with_affinity=affinity is None)
     segmentation = F.interpolate(output.seg_logits.float(), size=output_size, mode="bilinear", align_corners=False)
@@ -103,9 +84,9 @@ def predict_afa_batch_with_cams(
     grid = network.affinity_grid(*images.shape[-2:])
     predictions = {
         "cam": cam_to_label(cams, labels, bkg_score),
-        "propagated": propagate_cams_for_evaluation(
-            cams, labels, output.affinity if affinity is None else affinity, propagation_bkg_score, radius,
-            grid_size=grid,
+        "propagated": propagate_cams_with_affinity(
+            cams, labels, output.affinity if affinity is None else affinity, thresholds=(propagation_bkg_score,),
+            implementation=resolve_propagation(propagation, images.device), radius=radius, grid_size=grid,
         ),
         "segmentation": segmentation.argmax(dim=1),
     }
@@ -122,6 +103,7 @@ def evaluate_afa(
     propagation_bkg_score: float = 0.35,
     radius: int = 8,
     amp: bool = False,
+    propagation: str = "auto",
 ) -> dict[str, dict]:
     """Run AFA.md §10's validation over ``batches`` (this rank's shard) and reduce.
 
@@ -129,7 +111,9 @@ def evaluate_afa(
         network: the (unwrapped) network; put in eval mode here and restored after.
         batches: eval samples collated by size (``image``, ``mask``, ``labels``).
         num_classes: foreground classes C.
+        propagation: ``method.affinity.propagation`` (auto: by ``device``, see `resolve_propagation`).
     """
+    implementation = resolve_propagation(propagation, device)
     was_training = network.training
     network.eval()
     validation = AFAValidation(num_classes, device)
@@ -139,9 +123,9 @@ def evaluate_afa(
             masks = batch["mask"].to(device, non_blocking=True)
             labels = batch["labels"].to(device, non_blocking=True)
             with autocast_context(device, amp):
-                class_logits, predictions = predict_afa_batch(
+                class_logits, predictions, _ = predict_afa_batch_with_cams(
                     network, images, labels, tuple(masks.shape[-2:]), cam_scales, bkg_score,
-                    propagation_bkg_score, radius,
+                    propagation_bkg_score, radius, propagation=implementation,
                 )
             validation.update(class_logits, labels, masks, predictions)
     finally:

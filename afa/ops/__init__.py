@@ -30,10 +30,7 @@ from afa.ops.par import (
     refine_cams_with_par,
 )
 from afa.ops.random_walk import (
-    propagate_cams,
-    propagate_cams_for_evaluation,
-    propagate_cams_in_window,
-    propagate_cams_per_threshold,
+    RandomWalkImplementation,
     propagate_cams_with_affinity,
     random_walk_transition,
 )
@@ -42,6 +39,7 @@ __all__ = [
     "CamFunction",
     "DEFAULT_DILATIONS",
     "IGNORE_INDEX",
+    "RandomWalkImplementation",
     "affinity_labels_from_segmentation",
     "affinity_loss",
     "balanced_segmentation_loss",
@@ -58,10 +56,6 @@ __all__ = [
     "pixel_adaptive_refinement",
     "pixel_adaptive_refinement_in_boxes",
     "present_class_mask",
-    "propagate_cams",
-    "propagate_cams_for_evaluation",
-    "propagate_cams_in_window",
-    "propagate_cams_per_threshold",
     "propagate_cams_with_affinity",
     "random_walk_transition",
     "refine_cams_with_par",

@@ -141,3 +141,32 @@ def combine_threshold_labels(
     label = torch.where(high_is_background, ignore_index, label_high)
     label = torch.where(high_is_background & (label_low == 0), 0, label)
     return torch.where(inside, label, ignore_index)
+
+
+def label_from_threshold_scores(
+    scores: Tensor, class_ids: Tensor, valid_boxes: Tensor | None = None, ignore_index: int = IGNORE_INDEX,
+) -> Tensor:
+    """The label of refined or propagated per-threshold class scores (AFA.md §5, §7, §10).
+
+    Per threshold, the class id of the argmax channel (ties go to the earlier channel).
+    One threshold: that label. Two (high first): combined by `combine_threshold_labels`,
+    ignore outside the valid box.
+
+    Args:
+        scores: (B, t·K', H, W), t = 1 or 2 blocks of K' channels, one per threshold.
+        class_ids: (B, K') class id of each channel (from `class_channel_index`).
+        valid_boxes: (B, 4) int64 (top, bottom, left, right), half-open; needed for t = 2.
+        ignore_index: label of ignored pixels.
+
+    Returns:
+        (B, H, W) int64.
+    """
+    batch, channels, height, width = scores.shape
+    kept = class_ids.shape[1]
+    slots = scores.view(batch, channels // kept, kept, height, width).argmax(dim=2)  # (B, t, H, W)
+    label = class_ids.gather(1, slots.flatten(1)).view(slots.shape)
+    if slots.shape[1] == 1:
+        return label[:, 0]
+    if valid_boxes is None:
+        raise ValueError("afa/ops/cam.py label_from_threshold_scores: two thresholds need valid_boxes")
+    return combine_threshold_labels(label[:, 0], label[:, 1], valid_box_mask(valid_boxes, height, width), ignore_index)

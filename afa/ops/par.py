@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from afa.constants import IGNORE_INDEX
-from afa.ops.boxes import resample_boxes_bilinear, valid_box_mask
-from afa.ops.cam import combine_threshold_labels
+from afa.ops.boxes import resample_boxes_bilinear
+from afa.ops.cam import label_from_threshold_scores
 from afa.ops.classes import class_channel_index, threshold_class_scores
 from afa.ops.sparse import fixed_width_csr, index_dtype_for
 
@@ -272,11 +272,10 @@ def refine_cams_with_par(
     Returns:
         (B, H, W) int64.
     """
-    batch, _, height, width = cams.shape
+    height, width = cams.shape[-2:]
     high, low = max(thresholds), min(thresholds)
     class_ids = class_channel_index(
         labels, None if max_classes_per_image is None else max_classes_per_image + 1)  # (B, K')
-    kept = class_ids.shape[1]
     small = (height // PAR_DOWN_SCALE, width // PAR_DOWN_SCALE)
     with torch.autocast(device_type=cams.device.type, enabled=False):
         small_cams = F.interpolate(cams.float(), size=small, mode="bilinear", align_corners=False)
@@ -286,7 +285,4 @@ def refine_cams_with_par(
         refined = pixel_adaptive_refinement(
             small_images, scores.flatten(1, 2), dilations, num_iterations, w1, w2)
         refined = F.interpolate(refined, size=(height, width), mode="bilinear", align_corners=False)
-    slots = refined.view(batch, 2, kept, height, width).argmax(dim=2)  # (B, 2, H, W)
-    label = class_ids.gather(1, slots.flatten(1)).view(batch, 2, height, width)
-    inside = valid_box_mask(valid_boxes, height, width)
-    return combine_threshold_labels(label[:, 0], label[:, 1], inside, ignore_index)
+    return label_from_threshold_scores(refined, class_ids, valid_boxes, ignore_index)
