@@ -118,10 +118,13 @@ class ConfusionMatrix:
         """Reads the metrics back to the host.
 
         Returns:
-            ``miou``: mean IoU over classes present in the ground truth (NaN if none);
-            ``iou``: K per-class IoUs, TP / (TP + FP + FN), NaN for classes absent from
-            the ground truth; ``pixel_accuracy``: correct / counted pixels;
-            ``num_pixels``: counted pixels; ``num_ignored``: skipped pixels.
+            ``miou``: mean IoU over classes present in the ground truth (NaN if none; the
+            reference's definition, AFA.md §10); ``iou``: K per-class IoUs,
+            TP / (TP + FP + FN), NaN for classes absent from the ground truth;
+            ``miou_standard``: mean IoU over classes with a non-empty union (mmsegmentation,
+            torchmetrics: a predicted-but-absent class counts 0); ``pixel_accuracy``:
+            correct / counted pixels; ``mean_accuracy``: mean over present classes of
+            TP / ground truth; ``num_pixels``: counted pixels; ``num_ignored``: skipped pixels.
         """
         counts = self._counts.cpu()
         k = self.num_classes
@@ -136,13 +139,15 @@ class ConfusionMatrix:
         true_positive = matrix.diagonal()
         ground_truth = matrix.sum(dim=1)
         predicted = matrix.sum(dim=0)
-        iou = _ratio(true_positive, ground_truth + predicted - true_positive)
-        iou = torch.where(ground_truth > 0, iou, torch.nan)  # §10: only classes present in GT
+        union_iou = _ratio(true_positive, ground_truth + predicted - true_positive)  # NaN where the union is empty
+        iou = torch.where(ground_truth > 0, union_iou, torch.nan)  # §10: only classes present in GT
         total = int(matrix.sum())
         return {
             "miou": _nanmean(iou),
             "iou": iou.tolist(),
+            "miou_standard": _nanmean(union_iou),
             "pixel_accuracy": float(true_positive.sum()) / total if total else math.nan,
+            "mean_accuracy": _nanmean(_ratio(true_positive, ground_truth)),
             "num_pixels": total,
             "num_ignored": int(counts[k * k + 1]),
         }

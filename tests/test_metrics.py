@@ -176,3 +176,22 @@ def test_iou_table_rows():
     assert rows[1][:2] == [1, "aeroplane"] and math.isnan(rows[1][2])
     with pytest.raises(ValueError):
         iou_table_rows([0.5], ["a", "b"])
+
+
+def test_both_miou_definitions_on_a_hand_computed_matrix():
+    """K = 3; class 2 never in the ground truth but predicted once (AFA.md §10's two definitions)."""
+    #                gt: 0  0  0  1  1  1 255
+    target = torch.tensor([[0, 0, 0, 1, 1, 1, 255]])
+    prediction = torch.tensor([[0, 0, 1, 1, 1, 2, 2]])
+    matrix = ConfusionMatrix(3)
+    matrix.update(prediction, target)
+    result = matrix.compute()
+    # rows gt, cols prediction: [[2, 1, 0], [0, 2, 1], [0, 0, 0]]
+    assert torch.equal(matrix.matrix.cpu(), torch.tensor([[2, 1, 0], [0, 2, 1], [0, 0, 0]]))
+    iou0, iou1 = 2 / (3 + 2 - 2), 2 / (3 + 3 - 2)  # 2/3 and 1/2
+    assert result["iou"][:2] == pytest.approx([iou0, iou1]) and math.isnan(result["iou"][2])
+    assert result["miou"] == pytest.approx((iou0 + iou1) / 2)  # the reference: classes in the GT
+    assert result["miou_standard"] == pytest.approx((iou0 + iou1 + 0.0) / 3)  # non-empty union: class 2 counts 0
+    assert result["pixel_accuracy"] == pytest.approx(4 / 6)
+    assert result["mean_accuracy"] == pytest.approx((2 / 3 + 2 / 3) / 2)
+    assert result["num_ignored"] == 1

@@ -6,13 +6,13 @@ from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from afa.engine.afa_step import resolve_propagation
-from afa.metrics import ConfusionMatrix, MultiLabelCounts
+from afa.metrics import ConfusionMatrix, MultiLabelCounts, ReduceSum
 from afa.models.network import AFANetwork
-from afa.ops import cam_to_label, multi_scale_cam, propagate_cams_with_affinity
+from afa.engine.predict import label_size_cams, propagate_label, upsample
+from afa.ops import cam_to_label
 
 
 def autocast_context(device: torch.device, enabled: bool):
@@ -41,11 +41,12 @@ class AFAValidation:
         for part, prediction in predictions.items():
             self.matrices[part].update(prediction, masks)
 
-    def compute(self) -> dict[str, dict]:
-        """Reduced over ranks: {"classification": …, "cam": …, "propagated": …, "segmentation": …}."""
-        results = {"classification": self.classification.reduce_().compute()}
+    def compute(self, reduce_sum: ReduceSum | None = None) -> dict[str, dict]:
+        """Reduced over ranks with ``reduce_sum`` (None: one process):
+        {"classification": …, "cam": …, "propagated": …, "segmentation": …}."""
+        results = {"classification": self.classification.reduce_(reduce_sum).compute()}
         for part, matrix in self.matrices.items():
-            results[part] = matrix.reduce_().compute()
+            results[part] = matrix.reduce_(reduce_sum).compute()
         return results
 
 
@@ -77,18 +78,14 @@ def predict_afa_batch_with_cams(
         and the CAMs (B, C, H_label, W_label).
     """
     output = network(images, with_affinity=affinity is None)
-    segmentation = F.interpolate(output.seg_logits.float(), size=output_size, mode="bilinear", align_corners=False)
-    cams, _ = multi_scale_cam(network.forward_cam, images, cam_scales, with_affinity=False)
-    if cams.shape[-2:] != output_size:
-        cams = F.interpolate(cams, size=output_size, mode="bilinear", align_corners=False)
-    grid = network.affinity_grid(*images.shape[-2:])
+    cams = label_size_cams(network, images, output_size, cam_scales)
     predictions = {
         "cam": cam_to_label(cams, labels, bkg_score),
-        "propagated": propagate_cams_with_affinity(
-            cams, labels, output.affinity if affinity is None else affinity, thresholds=(propagation_bkg_score,),
-            implementation=resolve_propagation(propagation, images.device), radius=radius, grid_size=grid,
+        "propagated": propagate_label(
+            network, images, cams, labels, output.affinity if affinity is None else affinity, propagation_bkg_score,
+            radius, resolve_propagation(propagation, images.device),
         ),
-        "segmentation": segmentation.argmax(dim=1),
+        "segmentation": upsample(output.seg_logits, output_size).argmax(dim=1),
     }
     return output.class_logits.float(), predictions, cams
 
@@ -104,6 +101,7 @@ def evaluate_afa(
     radius: int = 8,
     amp: bool = False,
     propagation: str = "auto",
+    reduce_sum: ReduceSum | None = None,
 ) -> dict[str, dict]:
     """Run AFA.md §10's validation over ``batches`` (this rank's shard) and reduce.
 
@@ -112,6 +110,7 @@ def evaluate_afa(
         batches: eval samples collated by size (``image``, ``mask``, ``labels``).
         num_classes: foreground classes C.
         propagation: ``method.affinity.propagation`` (auto: by ``device``, see `resolve_propagation`).
+        reduce_sum: the engine's in-place sum over ranks (``RunContext.reduce_sum_``); None alone.
     """
     implementation = resolve_propagation(propagation, device)
     was_training = network.training
@@ -130,4 +129,4 @@ def evaluate_afa(
             validation.update(class_logits, labels, masks, predictions)
     finally:
         network.train(was_training)
-    return validation.compute()
+    return validation.compute(reduce_sum)

@@ -284,6 +284,7 @@ class AFATrainer:
         results = evaluate_afa(
             self.network, batches, self.num_classes, self.device, tuple(cam.scales), float(cam.bkg_score),
             float(affinity.propagation_bkg_score), int(affinity.radius), amp=self.amp,
+            propagation=self.options.propagation, reduce_sum=self.run.reduce_sum_,
         )
         scalars = {"val/cls_f1": results["classification"]["f1"]}
         for part in ("cam", "propagated", "segmentation"):
