@@ -255,3 +255,32 @@ def make_panel(
             draw.text((left + 1, top + 1), str(title), fill=(0, 0, 0), font=font)
         panel = np.asarray(canvas).copy()
     return panel
+
+
+def overlay_with_legend(
+    image: np.ndarray, labels: np.ndarray, class_names: Sequence[str], alpha: float = 0.5
+) -> np.ndarray:
+    """The image with its label map blended in and, below it, a legend of the classes shown.
+
+    Args:
+        image: (H, W, 3) uint8 RGB.
+        labels: (H, W) integer labels (255: ignore, not in the legend).
+        class_names: K names, background first.
+
+    Returns:
+        (H + legend height, W, 3) uint8.
+    """
+    colours = colorize_labels(labels)
+    picture = blend(image, colours, alpha)
+    shown = [int(k) for k in np.unique(labels) if k != 255 and k < len(class_names)]
+    row, swatch, width = 14, 10, picture.shape[1]
+    entries_per_row = max(1, width // 110)
+    rows = -(-len(shown) // entries_per_row) if shown else 0
+    legend = Image.new("RGB", (width, rows * row + 4 if rows else 0), (255, 255, 255))
+    draw = ImageDraw.Draw(legend)
+    palette = voc_palette()
+    for position, class_index in enumerate(shown):
+        left, top = (position % entries_per_row) * 110 + 2, (position // entries_per_row) * row + 2
+        draw.rectangle([left, top, left + swatch, top + swatch], fill=tuple(int(c) for c in palette[class_index]))
+        draw.text((left + swatch + 3, top - 1), class_names[class_index][:16], fill=(0, 0, 0))
+    return np.concatenate([picture, np.asarray(legend)], axis=0) if rows else picture

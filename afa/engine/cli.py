@@ -30,3 +30,21 @@ def run_command(command: Callable[[], T]) -> T:
         message = error.args[0] if isinstance(error, FileNotFoundError) and error.args else error
         print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+STORED_GROUPS = ("model", "dataset", "method")
+
+
+def stored_group_overrides(argv: list[str]) -> list[str]:
+    """``dataset.root=x`` for eval.py: a key of a group the checkpoint stores (model, dataset,
+    method) is added with hydra's ``+`` unless that group was chosen on the command line, so
+    it overrides the stored config instead of failing on the absent group."""
+    chosen = {arg.split("=", 1)[0].lstrip("+~") for arg in argv[1:] if "=" in arg}
+    rewritten = [argv[0]]
+    for arg in argv[1:]:
+        key = arg.split("=", 1)[0]
+        group = key.split(".", 1)[0]
+        if "=" in arg and "." in key and group in STORED_GROUPS and group not in chosen and not arg.startswith(("+", "~")):
+            arg = "+" + arg
+        rewritten.append(arg)
+    return rewritten

@@ -232,6 +232,9 @@ class AFATrainer:
             "sampler": samplers,
             "rng": capture_rng_state(),
             "config": OmegaConf.to_container(self.cfg, resolve=True),
+            # Unresolved too: eval.py's dataset.root=... then moves every path that follows it.
+            "config_source": OmegaConf.to_container(self.cfg, resolve=False),
+            "class_names": self.class_names,
             "wandb_run_id": getattr(self.experiment, "run_id", None),
         }
 
