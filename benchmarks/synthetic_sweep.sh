@@ -24,7 +24,7 @@ while [ $# -gt 0 ]; do
   name=$1; overrides=$2; spec=$3; shift 3
   if [ "$spec" != "{}" ]; then  # hydra's dict syntax: the JSON without quotes
     hydra_spec=$(echo "$spec" | tr -d '" ')
-    overrides="$overrides +dataset.train.spec=$hydra_spec +dataset.val.spec=$hydra_spec"
+    overrides="$overrides +dataset.train.spec=$hydra_spec +dataset.val.index.spec=$hydra_spec"
   fi
   (
     python train.py logger=none run_name="$name" dataset.root="/tmp/synthetic-$name" \

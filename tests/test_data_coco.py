@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from afa.data import COCO_CLASSES, COCOEvalDataset, COCOTrainDataset
+from afa.data import COCO_CLASSES, CropTrainDataset, FullImageEvalDataset, coco_index
 from afa.data.__main__ import main as cli
 from afa.data.coco_masks import build_coco_split
-from afa.data.fixtures import write_coco_fixture
+from tests.fixtures import write_coco_fixture
 from afa.data.readers import DatasetError, read_mask
 
 PERSON, CAR, DOG = 1, 3, 17
@@ -93,17 +93,17 @@ def test_cli_build_then_datasets_load(tmp_path, capsys):
     assert "3 masks written" in capsys.readouterr().out
     split_file = tmp_path / "two.txt"
     split_file.write_text(f"{NAMES[0]}\n{NAMES[1]}\n")
-    dataset = COCOEvalDataset(out, split="val", split_file=split_file)
+    dataset = FullImageEvalDataset(coco_index(out, split="val", split_file=split_file, with_masks=True))
     assert dataset.num_classes == 80 and len(dataset.class_names) == 81
     sample = dataset[0]
     assert sample["mask"].shape == (40, 60) and int(sample["mask"][15, 25]) == DOG
     assert torch.nonzero(sample["labels"]).flatten().tolist() == [PERSON - 1, DOG - 1]
-    train = COCOTrainDataset(out, split="val", split_file=split_file, crop_size=32)
+    train = CropTrainDataset(coco_index(out, split="val", split_file=split_file), crop_size=32)
     assert train[(1, 5)]["image"].shape == (3, 32, 32)
     # The image without annotations has no foreground label: refused unless allowed.
     split_file.write_text(f"{NAMES[2]}\n")
     with pytest.raises(DatasetError, match="no foreground class"):
-        COCOTrainDataset(out, split="val", split_file=split_file)
+        CropTrainDataset(coco_index(out, split="val", split_file=split_file))
     assert cli(["check", "--layout", "coco", "--root", str(out), "--split", "val",
                 "--split-file", str(split_file), "--no-progress"]) == 1
     assert "no foreground class in the image labels" in capsys.readouterr().out
@@ -112,6 +112,7 @@ def test_cli_build_then_datasets_load(tmp_path, capsys):
 def test_packaged_split_and_missing_labels_message(tmp_path):
     (tmp_path / "MSCOCO" / "JPEGImages" / "train").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match=r"cls_labels_train\.json not found: build it with python -m afa\.data build-coco"):
-        COCOTrainDataset(tmp_path / "MSCOCO")
-    dataset = COCOEvalDataset(tmp_path / "MSCOCO", split="train", with_masks=False, with_labels=False, subset="train")
+        CropTrainDataset(coco_index(tmp_path / "MSCOCO", "train"))
+    index = coco_index(tmp_path / "MSCOCO", split="train", with_masks=False, with_labels=False, subset="train")
+    dataset = FullImageEvalDataset(index)
     assert len(dataset) == 82081 and dataset.names[0].startswith("COCO_train2014_")

@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from afa.data import CustomEvalDataset, CustomTrainDataset
+from afa.data import CropTrainDataset, FullImageEvalDataset, custom_index
 from afa.data.__main__ import main as cli
-from afa.data.fixtures import write_custom_fixture
+from tests.fixtures import write_custom_fixture
 from afa.data.readers import DatasetError
 
 CLASSES = ["cat", "dog", "kite"]
@@ -23,23 +23,23 @@ def custom(request, tmp_path):
 
 
 def test_train_and_eval_samples(custom):
-    train = CustomTrainDataset(custom["images_dir"], custom["labels_file"], CLASSES, crop_size=24)
+    train = CropTrainDataset(custom_index(custom["images_dir"], custom["labels_file"], CLASSES), crop_size=24)
     assert train.class_names == ("background", *CLASSES) and train.num_classes == 3
     assert train.names == ("one", "two", "three")
     sample = train[(1, 3)]
     assert sample["image"].shape == (3, 24, 24) and sample["labels"].tolist() == [1.0, 0.0, 1.0]
-    evaluation = CustomEvalDataset(custom["images_dir"], custom["labels_file"], CLASSES, masks_dir=custom["masks_dir"])
+    evaluation = FullImageEvalDataset(custom_index(**custom, class_names=CLASSES))
     first = evaluation[0]
     assert first["mask"].shape == (40, 56) and set(np.unique(first["mask"].numpy()).tolist()) == {0, 2}
 
 
 def test_masks_are_optional(custom):
-    evaluation = CustomEvalDataset(custom["images_dir"], custom["labels_file"], CLASSES)
+    evaluation = FullImageEvalDataset(custom_index(custom["images_dir"], custom["labels_file"], CLASSES))
     assert set(evaluation[2]) == {"name", "image", "labels"}
 
 
 def test_class_list_with_background_first_is_accepted(custom):
-    dataset = CustomEvalDataset(custom["images_dir"], custom["labels_file"], ["background", *CLASSES])
+    dataset = FullImageEvalDataset(custom_index(custom["images_dir"], custom["labels_file"], ["background", *CLASSES]))
     assert dataset.num_classes == 3
 
 
@@ -49,27 +49,27 @@ def test_unknown_class_in_csv_names_file_line_and_known_classes(tmp_path):
     lines[2] = "two.jpg,cat;zebra"
     paths["labels_file"].write_text("\n".join(lines) + "\n")
     with pytest.raises(DatasetError, match=r"labels\.csv, line 3 \(image 'two\.jpg'\): unknown class 'zebra'; known classes: \['cat', 'dog', 'kite'\]"):
-        CustomTrainDataset(paths["images_dir"], paths["labels_file"], CLASSES)
+        CropTrainDataset(custom_index(paths["images_dir"], paths["labels_file"], CLASSES))
 
 
 def test_unknown_class_in_json_names_the_image(tmp_path):
     paths = write_custom_fixture(tmp_path, SAMPLES, CLASSES, labels_format="json")
     paths["labels_file"].write_text(json.dumps({"one.png": ["dgo"]}))
     with pytest.raises(DatasetError, match=r"labels\.json, image 'one\.png': unknown class 'dgo'"):
-        CustomTrainDataset(paths["images_dir"], paths["labels_file"], CLASSES)
+        CropTrainDataset(custom_index(paths["images_dir"], paths["labels_file"], CLASSES))
 
 
 def test_image_missing_from_folder(custom):
     (custom["images_dir"] / "three.png").unlink()
     with pytest.raises(FileNotFoundError, match=r"1 images named in .* are not in .*\['three'\]"):
-        CustomTrainDataset(custom["images_dir"], custom["labels_file"], CLASSES)
+        CropTrainDataset(custom_index(custom["images_dir"], custom["labels_file"], CLASSES))
 
 
 def test_image_with_no_label_is_refused_unless_allowed(tmp_path):
     paths = write_custom_fixture(tmp_path, {"a.png": ["cat"], "b.png": []}, CLASSES)
     with pytest.raises(DatasetError, match=r"no foreground class .*\['b'\]"):
-        CustomTrainDataset(paths["images_dir"], paths["labels_file"], CLASSES)
-    dataset = CustomTrainDataset(paths["images_dir"], paths["labels_file"], CLASSES, allow_background_only=True)
+        CropTrainDataset(custom_index(paths["images_dir"], paths["labels_file"], CLASSES))
+    dataset = CropTrainDataset(custom_index(paths["images_dir"], paths["labels_file"], CLASSES, allow_background_only=True))
     assert dataset[(1, 0)]["labels"].sum() == 0
 
 
@@ -77,7 +77,7 @@ def test_rgba_and_cmyk_images_load_as_rgb(tmp_path):
     paths = write_custom_fixture(tmp_path, {"a.png": ["cat"], "b.jpg": ["dog"]}, CLASSES)
     Image.new("RGBA", (56, 40), (10, 20, 30, 0)).save(paths["images_dir"] / "a.png")
     Image.new("CMYK", (56, 40), (0, 0, 0, 0)).save(paths["images_dir"] / "b.jpg")
-    dataset = CustomEvalDataset(paths["images_dir"], paths["labels_file"], CLASSES, masks_dir=paths["masks_dir"])
+    dataset = FullImageEvalDataset(custom_index(**paths, class_names=CLASSES))
     mean = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)
     std = torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)
     rgba = dataset[0]["image"] * std + mean

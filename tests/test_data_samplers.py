@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader
 
 from afa.data import ResumableSampler, SameSizeBatchSampler, SyntheticTrainDataset, build_loader
 from afa.data.datasets import FullImageEvalDataset
-from afa.data.fixtures import write_voc_fixture
+from tests.fixtures import write_voc_fixture
 from afa.data.layouts import voc_index
 
 

@@ -11,8 +11,9 @@ import torch
 
 from afa.data import (
     SYNTHETIC_CLASSES,
-    SyntheticDiskTrainDataset,
-    SyntheticEvalDataset,
+    CropTrainDataset,
+    FullImageEvalDataset,
+    SyntheticIndex,
     SyntheticTrainDataset,
     generate_split_image,
     prepare_synthetic,
@@ -124,7 +125,8 @@ def test_spec_overrides_reach_the_datasets(tmp_path):
     train = SyntheticTrainDataset(length=10, crop_size=64, scale_range=(1.0, 1.0), flip_prob=0.0, spec=spec)
     assert train.spec == as_spec(spec)
     sizes = {k: v for k, v in SMALL.items() if k != "workers"}
-    evaluation = SyntheticEvalDataset(tmp_path, split="val", spec=spec, **sizes)
+    evaluation = FullImageEvalDataset(SyntheticIndex(tmp_path, split="val", spec=spec, **sizes))
+    evaluation.prepare()
     generated = generate_split_image(0, "val", 1, as_spec(spec))
     assert torch.equal(evaluation[1]["mask"], torch.from_numpy(generated.mask.astype(np.int64)))
     folder = tmp_path / "VOCdevkit" / "VOC2012"
@@ -195,14 +197,23 @@ def test_refuses_to_overwrite_a_real_dataset(tmp_path):
 
 
 def test_datasets_over_the_generated_layout(tmp_path, capsys):
-    evaluation = SyntheticEvalDataset(tmp_path, split="val", **{k: v for k, v in SMALL.items() if k != "workers"})
-    assert evaluation.class_names == SYNTHETIC_CLASSES and evaluation.num_classes == 8 and len(evaluation) == 4
+    sizes = {k: v for k, v in SMALL.items() if k != "workers"}
+    evaluation = FullImageEvalDataset(SyntheticIndex(tmp_path, split="val", **sizes))
+    train = CropTrainDataset(SyntheticIndex(tmp_path, split="train", **sizes), crop_size=64, return_mask=True)
+    assert evaluation.class_names == SYNTHETIC_CLASSES and evaluation.num_classes == 8  # before prepare()
+    assert not tmp_path.joinpath("VOCdevkit").exists()  # constructing generates nothing
+    with pytest.raises(RuntimeError, match=r"split 'val' is not prepared .*call dataset\.prepare\(\) first"):
+        len(evaluation)
+    evaluation.prepare()
+    evaluation.prepare()  # idempotent: the cache is found
+    assert len(evaluation) == 4
+    assert evaluation.image_sizes == [generate_split_image(0, "val", i).image.shape[:2] for i in range(4)]
     sample = evaluation[0]
     expected = generate_split_image(0, "val", 0)
     assert torch.equal(sample["mask"], torch.from_numpy(expected.mask.astype(np.int64)))
     assert (torch.nonzero(sample["labels"]).flatten() + 1).tolist() == list(expected.classes)
-    train = SyntheticDiskTrainDataset(tmp_path, crop_size=64, **{k: v for k, v in SMALL.items() if k != "workers"})
-    assert len(train) == 6 and train[(2, 9)]["image"].shape == (3, 64, 64)
+    assert len(train) == 6 and train[(2, 9)]["image"].shape == (3, 64, 64)  # prepared by evaluation's prepare()
+    assert train[(2, 9)]["mask"].shape == (64, 64)
     assert cli(["check", "--layout", "synthetic", "--root", str(tmp_path), "--split", "test", "--no-progress"]) == 0
     assert "problems: 0" in capsys.readouterr().out
 

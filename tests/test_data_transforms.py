@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from afa.data.fixtures import banded_sample
+from tests.fixtures import banded_sample
 from afa.data.transforms import IMAGENET_MEAN, IMAGENET_STD, TrainAugmentation, normalize_to_tensor
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)

@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from afa.data import VOC_CLASSES, VOCEvalDataset, VOCTrainDataset
+from afa.data import VOC_CLASSES, CropTrainDataset, FullImageEvalDataset, voc_index
 from afa.data.__main__ import main as cli
-from afa.data.fixtures import write_voc_fixture
+from tests.fixtures import write_voc_fixture
 from afa.data.layouts import packaged_split_dir, read_split_file
 from afa.data.readers import DatasetError, write_index_mask
 
@@ -31,7 +31,7 @@ def own_labels(root: Path) -> dict:
 
 
 def test_train_sample_keys_shapes_and_labels(voc_root):
-    dataset = VOCTrainDataset(voc_root, crop_size=32, **own_labels(voc_root))
+    dataset = CropTrainDataset(voc_index(voc_root, **own_labels(voc_root)), crop_size=32)
     assert len(dataset) == 3 and dataset.num_classes == 20 and dataset.class_names == VOC_CLASSES
     sample = dataset[(2, 7)]
     assert sample["name"] == "img_c"
@@ -44,14 +44,14 @@ def test_train_sample_keys_shapes_and_labels(voc_root):
 
 
 def test_train_batches_collate(voc_root):
-    dataset = VOCTrainDataset(voc_root, crop_size=24, **own_labels(voc_root))
+    dataset = CropTrainDataset(voc_index(voc_root, **own_labels(voc_root)), crop_size=24)
     batch = next(iter(DataLoader(dataset, batch_size=3)))
     assert batch["image"].shape == (3, 3, 24, 24) and batch["labels"].shape == (3, 20)
     assert batch["valid_box"].shape == (3, 4) and len(batch["name"]) == 3
 
 
 def test_eval_sample_has_full_image_mask_and_labels(voc_root):
-    dataset = VOCEvalDataset(voc_root, **own_labels(voc_root))
+    dataset = FullImageEvalDataset(voc_index(voc_root, with_masks=True, **own_labels(voc_root)))
     sample = dataset[0]
     assert sample["image"].shape == (3, 48, 64)
     assert sample["mask"].dtype == torch.int64 and sample["mask"].shape == (48, 64)
@@ -64,12 +64,12 @@ def test_mask_folder_prefers_segmentation_class_aug(tmp_path):
     write_index_mask(root / "SegmentationClassAug" / "x.png", np.full((48, 64), 9, np.uint8))
     (root / "SegmentationClass").mkdir()
     write_index_mask(root / "SegmentationClass" / "x.png", np.full((48, 64), 5, np.uint8))
-    dataset = VOCEvalDataset(root, image_ext=".png", **own_labels(root))
+    dataset = FullImageEvalDataset(voc_index(root, image_ext=".png", with_masks=True, **own_labels(root)))
     assert int(dataset[0]["mask"][0, 0]) == 9
 
 
 def test_falls_back_to_segmentation_class(voc_root):
-    dataset = VOCEvalDataset(voc_root, **own_labels(voc_root))
+    dataset = FullImageEvalDataset(voc_index(voc_root, with_masks=True, **own_labels(voc_root)))
     assert dataset.mask_path(0).parent.name == "SegmentationClass"
 
 
@@ -79,7 +79,7 @@ def test_standard_split_uses_packaged_lists_and_xml_labels(tmp_path):
     assert len(read_split_file(packaged_split_dir("voc") / "train_aug.txt")) == 10582
     first = val_names[0]
     root = write_voc_fixture(tmp_path, {first: [1]}, image_ext=".jpg")
-    dataset = VOCEvalDataset(root, split="val")
+    dataset = FullImageEvalDataset(voc_index(root, split="val", with_masks=True))
     assert len(dataset) == 1449 and dataset.names[0] == first
     packaged = json.loads((packaged_split_dir("voc") / "cls_labels.json").read_text())
     sample = dataset[0]
@@ -91,29 +91,30 @@ def test_standard_split_uses_packaged_lists_and_xml_labels(tmp_path):
 def test_explicit_split_file(voc_root, tmp_path):
     listing = tmp_path / "two.txt"
     listing.write_text("# comment\nimg_b\n\n/JPEGImages/img_a.jpg\n")
-    dataset = VOCEvalDataset(voc_root, split_file=listing, labels_file=voc_root / "cls_labels.json")
+    index = voc_index(voc_root, "val", split_file=listing, labels_file=voc_root / "cls_labels.json", with_masks=True)
+    dataset = FullImageEvalDataset(index)
     assert dataset.names == ("img_b", "img_a")
 
 
 def test_missing_root_says_what_to_set(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"VOC root .*nowhere not found: set dataset\.root"):
-        VOCTrainDataset(tmp_path / "nowhere")
+        CropTrainDataset(voc_index(tmp_path / "nowhere", "train_aug"))
 
 
 def test_unknown_split_lists_what_exists(voc_root):
     with pytest.raises(FileNotFoundError, match=r"'nosuch'.*lists found there: \['mine'\]"):
-        VOCTrainDataset(voc_root, split="nosuch")
+        CropTrainDataset(voc_index(voc_root, split="nosuch"))
 
 
 def test_missing_labels_file(voc_root):
     with pytest.raises(FileNotFoundError, match="labels file .*absent.json"):
-        VOCTrainDataset(voc_root, split="mine", labels_file=voc_root / "absent.json")
+        CropTrainDataset(voc_index(voc_root, split="mine", labels_file=voc_root / "absent.json"))
 
 
 def test_images_without_labels_are_a_construction_error(voc_root):
     # The packaged labels know no "img_a": the error names the file and the fix.
     with pytest.raises(DatasetError, match=r"3 of 3 images have no entry in labels file .*cls_labels.json"):
-        VOCTrainDataset(voc_root, split="mine")
+        CropTrainDataset(voc_index(voc_root, split="mine"))
 
 
 def test_image_without_foreground_label(voc_root):
@@ -121,23 +122,23 @@ def test_image_without_foreground_label(voc_root):
     labels["img_b"] = []
     (voc_root / "cls_labels.json").write_text(json.dumps(labels))
     with pytest.raises(DatasetError, match=r"no foreground class .*\['img_b'\].*allow_background_only"):
-        VOCTrainDataset(voc_root, **own_labels(voc_root))
-    dataset = VOCTrainDataset(voc_root, allow_background_only=True, **own_labels(voc_root))
+        CropTrainDataset(voc_index(voc_root, **own_labels(voc_root)))
+    dataset = CropTrainDataset(voc_index(voc_root, allow_background_only=True, **own_labels(voc_root)))
     assert dataset[1]["labels"].sum() == 0
 
 
 def test_label_index_out_of_range(voc_root):
     (voc_root / "cls_labels.json").write_text(json.dumps({"img_a": [21], "img_b": [1], "img_c": [1]}))
     with pytest.raises(DatasetError, match=r"image 'img_a': class index 21 is outside 1\.\.20"):
-        VOCTrainDataset(voc_root, **own_labels(voc_root))
+        CropTrainDataset(voc_index(voc_root, **own_labels(voc_root)))
 
 
 def test_test_split_needs_no_masks_or_labels(tmp_path):
     first = read_split_file(packaged_split_dir("voc") / "test.txt")[0]
     root = write_voc_fixture(tmp_path, {first: [1]}, image_ext=".jpg")
     with pytest.raises(DatasetError, match="with_labels=False"):
-        VOCEvalDataset(root, split="test")
-    dataset = VOCEvalDataset(root, split="test", with_masks=False, with_labels=False)
+        FullImageEvalDataset(voc_index(root, split="test", with_masks=True))
+    dataset = FullImageEvalDataset(voc_index(root, split="test", with_masks=False, with_labels=False))
     sample = dataset[0]
     assert set(sample) == {"name", "image"} and sample["image"].shape == (3, 48, 64)
 
@@ -148,47 +149,47 @@ def test_missing_mask_folder_says_how_to_infer_without(tmp_path):
         mask.unlink()
     (root / "SegmentationClass").rmdir()
     with pytest.raises(FileNotFoundError, match="with_masks=False"):
-        VOCEvalDataset(root, image_ext=".png", **own_labels(root))
+        FullImageEvalDataset(voc_index(root, image_ext=".png", with_masks=True, **own_labels(root)))
 
 
 def test_missing_mask_file_at_load(voc_root):
     (voc_root / "SegmentationClass" / "img_b.png").unlink()
-    dataset = VOCEvalDataset(voc_root, **own_labels(voc_root))
+    dataset = FullImageEvalDataset(voc_index(voc_root, with_masks=True, **own_labels(voc_root)))
     dataset[0]
     with pytest.raises(FileNotFoundError, match=r"img_b\.png"):
         dataset[1]
 
 
 def test_wrong_image_extension_hint(voc_root):
-    dataset = VOCEvalDataset(voc_root, image_ext=".png", **own_labels(voc_root))
+    dataset = FullImageEvalDataset(voc_index(voc_root, image_ext=".png", with_masks=True, **own_labels(voc_root)))
     with pytest.raises(FileNotFoundError, match=r"img_a\.jpg exists: set image_ext='\.jpg'"):
         dataset[0]
 
 
 def test_mask_size_mismatch_at_load(voc_root):
     write_index_mask(voc_root / "SegmentationClass" / "img_a.png", np.zeros((10, 10), np.uint8))
-    dataset = VOCEvalDataset(voc_root, **own_labels(voc_root))
+    dataset = FullImageEvalDataset(voc_index(voc_root, with_masks=True, **own_labels(voc_root)))
     with pytest.raises(DatasetError, match=r"img_a\.png is 10x10 .* image is 48x64"):
         dataset[0]
 
 
 def test_mask_values_out_of_range_at_load(voc_root):
     write_index_mask(voc_root / "SegmentationClass" / "img_b.png", np.full((48, 64), 33, np.uint8))
-    dataset = VOCEvalDataset(voc_root, **own_labels(voc_root))
+    dataset = FullImageEvalDataset(voc_index(voc_root, with_masks=True, **own_labels(voc_root)))
     with pytest.raises(DatasetError, match=r"img_b\.png holds values \[33\]"):
         dataset[1]
 
 
 def test_corrupt_image_at_load(voc_root):
     (voc_root / "JPEGImages" / "img_c.jpg").write_bytes(b"\xff\xd8 garbage")
-    dataset = VOCTrainDataset(voc_root, crop_size=16, **own_labels(voc_root))
+    dataset = CropTrainDataset(voc_index(voc_root, **own_labels(voc_root)), crop_size=16)
     with pytest.raises(DatasetError, match=r"img_c\.jpg cannot be decoded"):
         dataset[2]
 
 
 def test_grayscale_image_loads_as_rgb(voc_root):
     Image.fromarray(np.full((48, 64), 77, np.uint8)).save(voc_root / "JPEGImages" / "img_b.jpg")
-    image = VOCEvalDataset(voc_root, **own_labels(voc_root))[1]["image"]
+    image = FullImageEvalDataset(voc_index(voc_root, with_masks=True, **own_labels(voc_root)))[1]["image"]
     assert image.shape == (3, 48, 64)
 
 
@@ -247,7 +248,7 @@ VOC_SAMPLE = _voc_sample_root()
 def test_real_voc_sample_loads_with_right_labels_and_masks():
     labels_file = VOC_SAMPLE / "cls_labels.json"
     expected = json.loads(labels_file.read_text())
-    dataset = VOCEvalDataset(VOC_SAMPLE, split="all", labels_file=labels_file)
+    dataset = FullImageEvalDataset(voc_index(VOC_SAMPLE, split="all", labels_file=labels_file, with_masks=True))
     assert len(dataset) == 103
     sizes = set()
     for position in range(len(dataset)):
@@ -260,11 +261,11 @@ def test_real_voc_sample_loads_with_right_labels_and_masks():
         assert present == classes  # this sample's labels were derived from its masks
         sizes.add(tuple(mask.shape))
     assert (281, 500) in sizes  # 2007_000032
-    real = VOCEvalDataset(VOC_SAMPLE, split="voc_real", labels_file=labels_file)
+    real = FullImageEvalDataset(voc_index(VOC_SAMPLE, split="voc_real", labels_file=labels_file, with_masks=True))
     assert len(real) == 6 and real.names[0] == "2007_000032"
     first = real[0]["mask"]
     assert np.unique(first.numpy()).tolist() == [0, 1, 15, 255]  # aeroplane, person, border
-    train = VOCTrainDataset(VOC_SAMPLE, split="coco128_as_voc", labels_file=labels_file, crop_size=64)
+    train = CropTrainDataset(voc_index(VOC_SAMPLE, split="coco128_as_voc", labels_file=labels_file), crop_size=64)
     assert len(train) == 97 and train[(0, 1)]["image"].shape == (3, 64, 64)
 
 

@@ -21,13 +21,16 @@ from pathlib import Path
 from afa.data.check import check_dataset
 from afa.data.coco_masks import build_coco_split
 from afa.data.classes import VOC_CLASSES
-from afa.data.datasets import COCOEvalDataset, CustomEvalDataset, FullImageEvalDataset, VOCEvalDataset
+from afa.data.datasets import FullImageEvalDataset
 from afa.data.layouts import (
     VOC_STANDARD_SPLITS,
+    coco_index,
+    custom_index,
     load_labels_file,
     packaged_split_dir,
     read_split_file,
     resolve_split_file,
+    voc_index,
 )
 from afa.data.readers import DatasetError
 from afa.data.synthetic import MANIFEST_NAME, SYNTHETIC_CLASSES, prepare_synthetic
@@ -56,7 +59,7 @@ ROOT_LABELS_NAME = "cls_labels.json"
 
 # Python-only advice in the library's error messages, and what to type on this command line.
 _CLI_ADVICE = (
-    ("construct the eval dataset with with_labels=False", "pass --unlabelled"),
+    ("build the eval index with with_labels=False", "pass --unlabelled"),
     ("with_labels=False", "--unlabelled"),
     ("pass the right labels_file", "pass the right --labels-file"),
     ("or pass labels_file", "or pass --labels-file"),
@@ -127,7 +130,7 @@ def _open_dataset(args: argparse.Namespace) -> tuple[FullImageEvalDataset, str]:
         )
         if labels_file is None and with_labels and root.is_dir():
             labels_file, why = _voc_labels_file(args, root)
-        dataset = VOCEvalDataset(
+        index = voc_index(
             root, split=args.split or "val", split_file=args.split_file, labels_file=labels_file,
             image_ext=args.image_ext or ".jpg", mask_dir=args.mask_dir, with_masks=has_masks,
             with_labels=with_labels, **common,
@@ -137,10 +140,10 @@ def _open_dataset(args: argparse.Namespace) -> tuple[FullImageEvalDataset, str]:
         split = args.split or "val"
         if labels_file is None:
             labels_file, why = folder / ROOT_LABELS_NAME, "the synthetic benchmark's labels"
-        dataset = VOCEvalDataset(
+        index = voc_index(
             folder, split=split, split_file=folder / "ImageSets" / "Segmentation" / f"{split}.txt",
             labels_file=labels_file, class_names=SYNTHETIC_CLASSES, image_ext=".png",
-            with_labels=with_labels, **common,
+            with_masks=True, with_labels=with_labels, **common,
         )
     elif args.layout == "coco":
         split = args.split or "val"
@@ -148,7 +151,7 @@ def _open_dataset(args: argparse.Namespace) -> tuple[FullImageEvalDataset, str]:
         has_masks = (root / "SegmentationClass" / subset).is_dir()
         if labels_file is None and with_labels:
             labels_file, why = _coco_labels_file(root, subset)
-        dataset = COCOEvalDataset(
+        index = coco_index(
             root, split=split, split_file=args.split_file, labels_file=labels_file, subset=subset,
             image_ext=args.image_ext or ".jpg", with_masks=has_masks, with_labels=with_labels,
             **common,
@@ -161,10 +164,11 @@ def _open_dataset(args: argparse.Namespace) -> tuple[FullImageEvalDataset, str]:
             )
         if not args.labels_file or not args.class_names:
             raise ValueError("--layout custom needs --labels-file and --class-names")
-        dataset = CustomEvalDataset(
+        index = custom_index(
             root, labels_file=args.labels_file, class_names=_class_names(args.class_names),
             split_file=args.split_file, masks_dir=args.mask_dir, **common,
         )
+    dataset = FullImageEvalDataset(index)
     if not with_labels:
         return dataset, "labels file: none (--unlabelled: images and masks only)"
     return dataset, f"labels file: {labels_file} ({why})"

@@ -85,7 +85,7 @@ def check_dataset(dataset: FullImageEvalDataset, show_progress: bool = True) -> 
     """Load every image (and mask) of an evaluation dataset, collecting problems.
 
     Args:
-        dataset: built with ``allow_background_only=True`` so that images without
+        dataset: its index built with ``allow_background_only=True`` so that images without
             labels are reported here instead of failing construction.
         show_progress: show a tqdm bar.
     """

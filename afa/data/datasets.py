@@ -1,8 +1,19 @@
 """Datasets for training (augmented crops) and evaluation (full images with masks).
 
-Two generic datasets do the work on any :class:`~afa.data.layouts.ImageIndex`;
-each layout (VOC, COCO, custom folder) has a thin train and eval subclass whose typed
-keyword arguments hydra instantiates directly.
+Two generic datasets do the work on the index of any layout: each takes an ``index``, an
+:class:`~afa.data.layouts.ImageIndex` (from :func:`~afa.data.layouts.voc_index`,
+:func:`~afa.data.layouts.coco_index` or :func:`~afa.data.layouts.custom_index`, which
+hold the per-layout arguments) or a :class:`~afa.data.layouts.PendingIndex` whose files
+``prepare()`` writes (:class:`~afa.data.synthetic.SyntheticIndex`). Hydra builds both
+from one node, the index as a nested ``_target_``::
+
+    train:
+      _target_: afa.data.CropTrainDataset
+      index: {_target_: afa.data.voc_index, root: ..., split: train_aug, with_masks: false}
+      crop_size: 512
+
+Every dataset has ``prepare()``: a no-op on an ``ImageIndex``; on a pending index it
+writes the files (idempotent). Constructing a dataset never writes anything.
 
 Samples (AFA.md §9):
 
@@ -30,13 +41,7 @@ import torch
 from torch.utils.data import Dataset
 
 from afa.data.classes import IGNORE_INDEX
-from afa.data.layouts import (
-    IMAGE_EXTENSIONS,
-    ImageIndex,
-    coco_index,
-    custom_index,
-    voc_index,
-)
+from afa.data.layouts import IMAGE_EXTENSIONS, ImageIndex, PendingIndex
 from afa.data.readers import image_size, read_image, read_mask, validate_mask
 from afa.data.transforms import (
     IMAGENET_MEAN,
@@ -67,26 +72,51 @@ def labels_to_multi_hot(classes: Sequence[int], num_classes: int) -> torch.Tenso
 
 
 class IndexedImageDataset(Dataset):
-    """Shared file access for one :class:`ImageIndex`: names, classes, images, masks.
+    """Shared file access for one index: names, classes, images, masks.
 
     Args:
-        index: the resolved split.
+        index: the resolved split (:class:`ImageIndex`), or a :class:`PendingIndex` whose
+            files :meth:`prepare` writes. A pending index is resolved on first use, which
+            reads the prepared files and never writes them: before ``prepare()`` has run
+            (in any process), first use raises a ``RuntimeError`` that says so. Nothing
+            prepares lazily, so under torchrun only the process that calls ``prepare()``
+            (rank 0, before a barrier) ever writes.
         ignore_index: value of ignored mask pixels.
     """
 
-    def __init__(self, index: ImageIndex, ignore_index: int = IGNORE_INDEX) -> None:
-        self.index = index
+    def __init__(self, index: ImageIndex | PendingIndex, ignore_index: int = IGNORE_INDEX) -> None:
         self.ignore_index = int(ignore_index)
+        self._pending = None if isinstance(index, ImageIndex) else index
+        self._index = index if isinstance(index, ImageIndex) else None
+        if self._index is not None:
+            self.check_index(self._index)
+
+    def check_index(self, index: ImageIndex) -> None:
+        """Raise if this dataset cannot use ``index`` (run once the index is resolved)."""
+
+    def prepare(self) -> None:
+        """Write the files the index needs (idempotent); a no-op for an on-disk layout."""
+        if self._pending is not None:
+            self._pending.prepare()
+
+    @property
+    def index(self) -> ImageIndex:
+        """The resolved split (a pending index is resolved, and checked, on first use)."""
+        if self._index is None:
+            index = self._pending.resolve()
+            self.check_index(index)
+            self._index = index
+        return self._index
 
     @property
     def class_names(self) -> tuple[str, ...]:
-        """K = C + 1 class names, background first."""
-        return self.index.class_names
+        """K = C + 1 class names, background first (known before ``prepare()``)."""
+        return self.index.class_names if self._pending is None else self._pending.class_names
 
     @property
     def num_classes(self) -> int:
         """C, the number of foreground classes."""
-        return len(self.index.class_names) - 1
+        return len(self.class_names) - 1
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -143,7 +173,7 @@ class CropTrainDataset(IndexedImageDataset):
     """Augmented S×S training crops of an indexed split (AFA.md §9).
 
     Args:
-        index: the resolved split (labels required).
+        index: the split (labels required; masks too with ``return_mask``).
         crop_size: S.
         scale_range: uniform rescale range.
         flip_prob: horizontal flip probability.
@@ -154,20 +184,25 @@ class CropTrainDataset(IndexedImageDataset):
 
     def __init__(
         self,
-        index: ImageIndex,
+        index: ImageIndex | PendingIndex,
         crop_size: int = 512,
         scale_range: Sequence[float] = (0.5, 2.0),
         flip_prob: float = 0.5,
         ignore_index: int = IGNORE_INDEX,
         return_mask: bool = False,
     ) -> None:
-        super().__init__(index, ignore_index)
-        if index.labels is None:
-            raise ValueError(f"training needs image labels; {index.description} has none")
-        if return_mask and index.mask_paths is None:
-            raise ValueError(f"return_mask=True needs masks; {index.description} has none")
         self.augmentation = TrainAugmentation(crop_size, scale_range, flip_prob, ignore_index)
         self.return_mask = bool(return_mask)
+        super().__init__(index, ignore_index)
+
+    def check_index(self, index: ImageIndex) -> None:
+        if index.labels is None:
+            raise ValueError(f"training needs image labels; {index.description} has none")
+        if self.return_mask and index.mask_paths is None:
+            raise ValueError(
+                f"return_mask=True needs masks; {index.description} was built without them: "
+                "build the index with with_masks=True"
+            )
 
     def __getitem__(self, item: SampleItem) -> dict[str, Any]:
         position, sample_seed = split_item(item)
@@ -185,14 +220,14 @@ class FullImageEvalDataset(IndexedImageDataset):
     """Full images without augmentation, with masks and labels (AFA.md §10).
 
     Args:
-        index: the resolved split.
+        index: the split; samples carry masks and labels when it has them.
         ignore_index: value of ignored mask pixels.
         mean, std: normalisation constants.
     """
 
     def __init__(
         self,
-        index: ImageIndex,
+        index: ImageIndex | PendingIndex,
         ignore_index: int = IGNORE_INDEX,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
@@ -225,174 +260,3 @@ class FullImageEvalDataset(IndexedImageDataset):
         if self.with_labels:
             sample["labels"] = self.labels(position)
         return sample
-
-
-class VOCTrainDataset(CropTrainDataset):
-    """PASCAL VOC 2012 (+ SBD) training crops.
-
-    Args:
-        root: the folder holding ``JPEGImages/`` (``.../VOCdevkit/VOC2012``).
-        split: a standard split (packaged list) or a list under ``ImageSets/Segmentation``.
-        split_file: explicit list file (overrides ``split``).
-        labels_file: image-level labels (default: the packaged standard XML labels).
-        class_names: K names, background first (default: VOC's 21).
-        image_ext: image file extension.
-        crop_size, scale_range, flip_prob, ignore_index, return_mask: see
-            :class:`CropTrainDataset`.
-        mask_dir: mask folder override (only with ``return_mask``).
-        allow_background_only: accept images whose label list is empty.
-    """
-
-    def __init__(
-        self,
-        root: str | Path,
-        split: str = "train_aug",
-        split_file: str | Path | None = None,
-        labels_file: str | Path | None = None,
-        class_names: Sequence[str] | None = None,
-        image_ext: str = ".jpg",
-        crop_size: int = 512,
-        scale_range: Sequence[float] = (0.5, 2.0),
-        flip_prob: float = 0.5,
-        ignore_index: int = IGNORE_INDEX,
-        return_mask: bool = False,
-        mask_dir: str | Path | None = None,
-        allow_background_only: bool = False,
-    ) -> None:
-        index = voc_index(
-            root, split, split_file, labels_file, class_names, image_ext, mask_dir,
-            with_masks=return_mask, with_labels=True, allow_background_only=allow_background_only,
-        )
-        super().__init__(index, crop_size, scale_range, flip_prob, ignore_index, return_mask)
-
-
-class VOCEvalDataset(FullImageEvalDataset):
-    """PASCAL VOC 2012 full images with masks (val by default).
-
-    The VOC test split has neither masks nor labels: use ``with_masks=False,
-    with_labels=False`` for inference on it. Other arguments as :class:`VOCTrainDataset`.
-    """
-
-    def __init__(
-        self,
-        root: str | Path,
-        split: str = "val",
-        split_file: str | Path | None = None,
-        labels_file: str | Path | None = None,
-        class_names: Sequence[str] | None = None,
-        image_ext: str = ".jpg",
-        mask_dir: str | Path | None = None,
-        with_masks: bool = True,
-        with_labels: bool = True,
-        ignore_index: int = IGNORE_INDEX,
-        allow_background_only: bool = False,
-    ) -> None:
-        index = voc_index(
-            root, split, split_file, labels_file, class_names, image_ext, mask_dir,
-            with_masks=with_masks, with_labels=with_labels,
-            allow_background_only=allow_background_only,
-        )
-        super().__init__(index, ignore_index)
-
-
-class COCOTrainDataset(CropTrainDataset):
-    """MS COCO 2014 training crops in the VOC-style layout (see :func:`coco_index`)."""
-
-    def __init__(
-        self,
-        root: str | Path,
-        split: str = "train",
-        split_file: str | Path | None = None,
-        labels_file: str | Path | None = None,
-        subset: str | None = None,
-        image_ext: str = ".jpg",
-        crop_size: int = 512,
-        scale_range: Sequence[float] = (0.5, 2.0),
-        flip_prob: float = 0.5,
-        ignore_index: int = IGNORE_INDEX,
-        return_mask: bool = False,
-        allow_background_only: bool = False,
-    ) -> None:
-        index = coco_index(
-            root, split, split_file, labels_file, subset, image_ext, with_masks=return_mask,
-            with_labels=True, allow_background_only=allow_background_only,
-        )
-        super().__init__(index, crop_size, scale_range, flip_prob, ignore_index, return_mask)
-
-
-class COCOEvalDataset(FullImageEvalDataset):
-    """MS COCO 2014 full images with masks (val by default)."""
-
-    def __init__(
-        self,
-        root: str | Path,
-        split: str = "val",
-        split_file: str | Path | None = None,
-        labels_file: str | Path | None = None,
-        subset: str | None = None,
-        image_ext: str = ".jpg",
-        with_masks: bool = True,
-        with_labels: bool = True,
-        ignore_index: int = IGNORE_INDEX,
-        allow_background_only: bool = False,
-    ) -> None:
-        index = coco_index(
-            root, split, split_file, labels_file, subset, image_ext, with_masks=with_masks,
-            with_labels=with_labels, allow_background_only=allow_background_only,
-        )
-        super().__init__(index, ignore_index)
-
-
-class CustomTrainDataset(CropTrainDataset):
-    """Training crops from a folder of images and a labels file (see :func:`custom_index`).
-
-    Args:
-        images_dir: folder of images.
-        labels_file: CSV ``image,class1;class2`` or JSON ``{image: [class names]}``.
-        class_names: foreground class names (background prepended if absent).
-        split_file: optional list restricting the images.
-        masks_dir: folder of ``<image>.png`` masks (only with ``return_mask``).
-    """
-
-    def __init__(
-        self,
-        images_dir: str | Path,
-        labels_file: str | Path,
-        class_names: Sequence[str],
-        split_file: str | Path | None = None,
-        masks_dir: str | Path | None = None,
-        crop_size: int = 512,
-        scale_range: Sequence[float] = (0.5, 2.0),
-        flip_prob: float = 0.5,
-        ignore_index: int = IGNORE_INDEX,
-        return_mask: bool = False,
-        allow_background_only: bool = False,
-    ) -> None:
-        index = custom_index(
-            images_dir, labels_file, class_names, masks_dir, split_file,
-            with_masks=return_mask, allow_background_only=allow_background_only,
-        )
-        super().__init__(index, crop_size, scale_range, flip_prob, ignore_index, return_mask)
-
-
-class CustomEvalDataset(FullImageEvalDataset):
-    """Full images from a custom folder; masks only when ``masks_dir`` is given.
-
-    Without ``masks_dir`` samples carry no ``mask`` key (inference only).
-    """
-
-    def __init__(
-        self,
-        images_dir: str | Path,
-        labels_file: str | Path,
-        class_names: Sequence[str],
-        split_file: str | Path | None = None,
-        masks_dir: str | Path | None = None,
-        ignore_index: int = IGNORE_INDEX,
-        allow_background_only: bool = False,
-    ) -> None:
-        index = custom_index(
-            images_dir, labels_file, class_names, masks_dir, split_file,
-            with_masks=masks_dir is not None, allow_background_only=allow_background_only,
-        )
-        super().__init__(index, ignore_index)

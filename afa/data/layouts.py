@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Protocol
 
 from afa.data.classes import COCO_CLASSES, VOC_CLASSES
 from afa.data.readers import DatasetError
@@ -45,6 +46,22 @@ class ImageIndex:
     labels: tuple[tuple[int, ...], ...] | None
     class_names: tuple[str, ...]
     description: str
+
+
+class PendingIndex(Protocol):
+    """An index whose files are written by a preparation step (the synthetic benchmark).
+
+    ``prepare()`` writes the files (idempotent, safe to repeat); ``resolve()`` reads them
+    and returns the :class:`ImageIndex`, and raises when they were not prepared. The
+    class list is known before either.
+    """
+
+    class_names: tuple[str, ...]
+    description: str
+
+    def prepare(self) -> None: ...
+
+    def resolve(self) -> ImageIndex: ...
 
 
 def packaged_split_dir(dataset: str) -> Path:
@@ -209,7 +226,7 @@ def select_labels(
         raise DatasetError(
             f"{len(missing)} of {len(names)} images have no entry in labels file {labels_path} "
             f"(e.g. {missing[:3]}): add them, pass the right labels_file, or, for inference "
-            "on an unlabelled split, construct the eval dataset with with_labels=False"
+            "on an unlabelled split, build the eval index with with_labels=False"
         )
     selected = tuple(labels[name] for name in names)
     if not allow_background_only:
@@ -380,7 +397,7 @@ def custom_index(
     class_names: Sequence[str],
     masks_dir: str | Path | None = None,
     split_file: str | Path | None = None,
-    with_masks: bool = False,
+    with_masks: bool | None = None,
     allow_background_only: bool = False,
 ) -> ImageIndex:
     """Resolve a custom folder of images with a labels file.
@@ -393,7 +410,10 @@ def custom_index(
             value k means ``class_names[k - 1]``.
         masks_dir: folder of ``<image stem>.png`` index masks (needed for evaluation).
         split_file: optional list of image names restricting the dataset.
+        with_masks: index the masks (default: when ``masks_dir`` is given).
     """
+    if with_masks is None:
+        with_masks = masks_dir is not None
     images_dir = Path(images_dir).expanduser()
     class_names = with_background(class_names)
     _require_dir(images_dir, "images_dir", "pass the folder holding the images")

@@ -114,7 +114,7 @@ def read_mask(path: str | Path) -> np.ndarray:
     if not path.is_file():
         raise FileNotFoundError(
             f"mask {path} not found: evaluation needs a mask for every image of the split "
-            "(for inference without masks construct the dataset with with_masks=False)"
+            "(for inference without masks build the index with with_masks=False)"
         )
     try:
         with Image.open(path) as mask:

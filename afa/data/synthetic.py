@@ -34,12 +34,8 @@ import torch
 from torch.utils.data import Dataset
 
 from afa.data.classes import IGNORE_INDEX
-from afa.data.datasets import (
-    VOCEvalDataset,
-    VOCTrainDataset,
-    labels_to_multi_hot,
-    split_item,
-)
+from afa.data.datasets import labels_to_multi_hot, split_item
+from afa.data.layouts import ImageIndex, voc_index
 from afa.data.readers import write_index_mask
 from afa.data.loaders import worker_context
 from afa.data.transforms import TrainAugmentation
@@ -483,7 +479,7 @@ def prepare_synthetic(
         spec: generator parameters.
 
     Returns:
-        The VOC2012-style folder (pass it as ``root`` to the VOC datasets).
+        The VOC2012-style folder (what :class:`SyntheticIndex` reads).
     """
     destination = Path(root).expanduser() / "VOCdevkit" / "VOC2012"
     split_sizes = {"train": num_train, "val": num_val, "test": num_test}
@@ -591,6 +587,9 @@ class SyntheticTrainDataset(Dataset):
         self.augmentation = TrainAugmentation(crop_size, scale_range, flip_prob, ignore_index)
         self.return_mask = bool(return_mask)
 
+    def prepare(self) -> None:
+        """Nothing to write: every image is generated when it is loaded."""
+
     def __len__(self) -> int:
         return self.length
 
@@ -611,70 +610,73 @@ class SyntheticTrainDataset(Dataset):
         }
 
 
-def _synthetic_files(
-    root: str | Path, split: str, seed: int, num_train: int, num_val: int, num_test: int,
-    spec: SyntheticSpec | Mapping[str, Any] | None,
-) -> dict[str, Any]:
-    """Generate (or find) the benchmark and return the VOC dataset arguments for a split."""
-    folder = prepare_synthetic(root, seed, num_train, num_val, num_test, spec=as_spec(spec))
-    return {
-        "root": folder,
-        "split_file": folder / "ImageSets" / "Segmentation" / f"{split}.txt",
-        "labels_file": folder / "cls_labels.json",
-        "class_names": SYNTHETIC_CLASSES,
-        "image_ext": ".png",
-    }
+class SyntheticIndex:
+    """The on-disk synthetic benchmark's split, as a :class:`~afa.data.layouts.PendingIndex`.
 
+    Give it as ``index`` to :class:`~afa.data.datasets.FullImageEvalDataset` (val/test)
+    or :class:`~afa.data.datasets.CropTrainDataset` (the fixed train split); the split
+    goes through the VOC code path. Constructing it writes nothing: :meth:`prepare`
+    generates the benchmark under ``root`` if its cache is missing or differs (see
+    :func:`prepare_synthetic`: idempotent, atomic), and :meth:`resolve` reads it, raising
+    a ``RuntimeError`` when it was not prepared. Under torchrun call ``prepare()`` on
+    rank 0 only, then a barrier: no rank generates on first use.
 
-class SyntheticDiskTrainDataset(VOCTrainDataset):
-    """The on-disk synthetic train split through the VOC code path (generated if needed)."""
+    Args:
+        root: cache folder.
+        split: ``train``, ``val`` or ``test``.
+        seed: benchmark seed.
+        num_train, num_val, num_test: images per split (all three form the cache).
+        with_masks, with_labels: index the masks / image-level labels.
+        spec: generator parameters (a ``SyntheticSpec`` or a mapping of overrides).
+    """
 
-    def __init__(
-        self,
-        root: str | Path,
-        seed: int = 0,
-        split: str = "train",
-        num_train: int = 2000,
-        num_val: int = 500,
-        num_test: int = 500,
-        crop_size: int = 192,
-        scale_range: Sequence[float] = (0.75, 1.5),
-        flip_prob: float = 0.5,
-        ignore_index: int = IGNORE_INDEX,
-        return_mask: bool = False,
-        spec: SyntheticSpec | Mapping[str, Any] | None = None,
-    ) -> None:
-        super().__init__(
-            split=split, crop_size=crop_size, scale_range=scale_range, flip_prob=flip_prob,
-            ignore_index=ignore_index, return_mask=return_mask,
-            **_synthetic_files(root, split, seed, num_train, num_val, num_test, spec),
-        )
-
-
-class SyntheticEvalDataset(VOCEvalDataset):
-    """Synthetic val/test images with masks through the VOC code path (generated if needed)."""
+    class_names = SYNTHETIC_CLASSES
 
     def __init__(
         self,
         root: str | Path,
-        seed: int = 0,
         split: str = "val",
+        seed: int = 0,
         num_train: int = 2000,
         num_val: int = 500,
         num_test: int = 500,
         with_masks: bool = True,
         with_labels: bool = True,
-        ignore_index: int = IGNORE_INDEX,
         spec: SyntheticSpec | Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__(
-            split=split, with_masks=with_masks, with_labels=with_labels, ignore_index=ignore_index,
-            **_synthetic_files(root, split, seed, num_train, num_val, num_test, spec),
+        self.root, self.split, self.seed = Path(root), split, int(seed)
+        self.split_sizes = {"train": int(num_train), "val": int(num_val), "test": int(num_test)}
+        self.with_masks, self.with_labels = bool(with_masks), bool(with_labels)
+        self.spec = as_spec(spec)
+        self.folder = self.root.expanduser() / "VOCdevkit" / "VOC2012"
+        self.description = f"synthetic benchmark {self.folder} split {split!r}"
+
+    def prepare(self) -> None:
+        """Generate the benchmark unless its cache under ``root`` already matches."""
+        prepare_synthetic(self.root, self.seed, *self.split_sizes.values(), spec=self.spec)
+
+    def resolve(self) -> ImageIndex:
+        """The split's index from the prepared cache.
+
+        Raises:
+            RuntimeError: the cache is missing or was generated with other parameters.
+        """
+        wanted = _manifest(self.seed, self.split_sizes, self.spec)
+        if _read_manifest(self.folder) != wanted:
+            raise RuntimeError(
+                f"{self.description} is not prepared (no matching {MANIFEST_NAME}): call "
+                "dataset.prepare() first (under torchrun on rank 0, then a barrier)"
+            )
+        return voc_index(
+            self.folder, self.split,
+            split_file=self.folder / "ImageSets" / "Segmentation" / f"{self.split}.txt",
+            labels_file=self.folder / "cls_labels.json", class_names=SYNTHETIC_CLASSES,
+            image_ext=".png", with_masks=self.with_masks, with_labels=self.with_labels,
         )
 
 
 __all__ = [
-    "DEFAULT_SPEC", "GENERATOR_VERSION", "SYNTHETIC_CLASSES", "SyntheticDiskTrainDataset",
-    "SyntheticEvalDataset", "SyntheticImage", "SyntheticSpec", "SyntheticTrainDataset",
+    "DEFAULT_SPEC", "GENERATOR_VERSION", "SYNTHETIC_CLASSES", "SyntheticImage", "SyntheticIndex",
+    "SyntheticSpec", "SyntheticTrainDataset",
     "generate_image", "generate_split_image", "prepare_synthetic",
 ]

@@ -1,6 +1,7 @@
 """The one place that turns config nodes into objects (datasets, network, optimiser)."""
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import hydra.utils
@@ -13,22 +14,49 @@ from afa.models.network import AFANetwork, build_afa_network
 
 
 def build_dataset(node: DictConfig, key: str) -> Dataset:
-    """Instantiate a dataset node (``_target_`` + keyword arguments).
+    """Instantiate a dataset node (``_target_`` + keyword arguments, nested ``_target_``
+    nodes such as its ``index`` first). Nothing is generated: see :func:`prepare_datasets`.
 
     Raises:
-        ConfigError: an argument the dataset class does not take.
+        ConfigError: an argument the dataset class (or a nested node's target) does not take.
     """
     try:
         return hydra.utils.instantiate(node, _convert_="all")
     except hydra.errors.InstantiationException as error:
         cause = error.__cause__
         if isinstance(cause, TypeError) and "argument" in str(cause):
-            raise ConfigError(f"{key}: {cause} (check the keys under {key} against {node._target_})") from error
+            where, target = _failing_node(node, key, str(error))
+            raise ConfigError(f"{where}: {cause} (check the keys under {where} against {target})") from error
         raise cause if cause is not None else error
 
 
+def _failing_node(node: DictConfig, key: str, message: str) -> tuple[str, str]:
+    """The key and ``_target_`` of the (possibly nested) node hydra's ``message`` names."""
+    match = re.search(r"^full_key: (\S+)$", message, re.MULTILINE)
+    where = match.group(1) if match else key
+    if where.startswith(key):  # a full key from the config's root
+        relative = where[len(key):].lstrip(".")
+    else:  # a node built on its own: keys start below it
+        relative, where = where, f"{key}.{where}"
+    failing = OmegaConf.select(node, relative) if relative else node
+    if not isinstance(failing, DictConfig) or "_target_" not in failing:
+        return key, node._target_
+    return where, failing._target_
+
+
+def prepare_datasets(*datasets: Dataset | None) -> None:
+    """Call ``prepare()`` on each dataset given (None and datasets without one are skipped):
+    writes what they need, such as the synthetic benchmark's cache. Idempotent; run it in
+    one process (rank 0) before the others use the datasets."""
+    for dataset in datasets:
+        prepare = getattr(dataset, "prepare", None)
+        if prepare is not None:
+            prepare()
+
+
 def build_datasets(dataset: DictConfig) -> tuple[Dataset, Dataset | None]:
-    """Train and validation datasets of ``cfg.dataset`` (validation may be null)."""
+    """Train and validation datasets of ``cfg.dataset`` (validation may be null), not yet
+    prepared: call :func:`prepare_datasets` (on rank 0, then a barrier) before using them."""
     train = build_dataset(dataset.train, "dataset.train")
     val = build_dataset(dataset.val, "dataset.val") if dataset.get("val") is not None else None
     if val is not None and getattr(val, "num_classes", None) != train.num_classes:

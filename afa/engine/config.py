@@ -157,8 +157,15 @@ def _check_dataset(cfg: DictConfig) -> None:
             continue
         if not isinstance(node, DictConfig) or "_target_" not in node:
             raise ConfigError(f"dataset.{part} must be a dataset config with a _target_, got {node!r}")
-        for key in node:
-            _get(cfg, f"dataset.{part}.{key}")  # every mandatory value (root, …) must be set
+        _require_set(cfg, f"dataset.{part}")  # every mandatory value (root, …) must be set
+
+
+def _require_set(cfg: DictConfig, key: str) -> None:
+    """Raise on the first unset value under ``key``, nested nodes (a dataset's index) included."""
+    value = _get(cfg, key)
+    if isinstance(value, DictConfig):
+        for sub in value:
+            _require_set(cfg, f"{key}.{sub}")
 
 
 def validate_config(cfg: DictConfig) -> None:

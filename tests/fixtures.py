@@ -1,4 +1,4 @@
-"""Tiny on-disk datasets in each layout, for tests (this package's and the trainer's).
+"""Tiny on-disk datasets in each layout, for the tests (imported as ``tests.fixtures``).
 
 Every fixture image is painted with the VOC palette colour of the class its mask holds
 (background a mid grey), objects as horizontal bands, so an image and its mask can be
