@@ -138,13 +138,19 @@ def known_class_names(dataset: DictConfig, num_classes: int) -> list[str] | None
 
 
 # ---------------------------------------------------------------------- network
+def checkpoint_classes(weights: dict[str, Tensor]) -> int | None:
+    """Foreground classes of a network state dict (its classifier's rows), None if it has none."""
+    classifier = next((v for k, v in weights.items() if k.endswith("classifier.weight")), None)
+    return None if classifier is None else int(classifier.shape[0])
+
+
 def load_network(path: Path, state: dict[str, Any], model: DictConfig, num_classes: int) -> AFANetwork:
     """The network of ``model`` for ``num_classes`` with the checkpoint's weights, strictly."""
     weights = state.get("model", state)
-    classifier = next((v for k, v in weights.items() if k.endswith("classifier.weight")), None)
-    if classifier is not None and classifier.shape[0] != num_classes:
+    trained_classes = checkpoint_classes(weights)
+    if trained_classes is not None and trained_classes != num_classes:
         raise ConfigError(
-            f"ckpt={path} was trained for {classifier.shape[0]} classes but the dataset has {num_classes}: "
+            f"ckpt={path} was trained for {trained_classes} classes but the dataset has {num_classes}: "
             "evaluate it on the dataset it was trained on (dataset=...)"
         )
     network = build_network(OmegaConf.merge(model, {"pretrained": None, "pretrained_decoder": False}), num_classes)
@@ -246,16 +252,13 @@ class Evaluation:
             if self.options.target != "segmentation":
                 raise ConfigError(f"target={self.options.target} needs image labels; images=... has none (use target=segmentation)")
             names = (self.cfg.get("class_names") or self.stored_class_names
-                     or known_class_names(dataset_cfg, self._checkpoint_classes()))
+                     or known_class_names(dataset_cfg, checkpoint_classes(self.weights) or 0))
             if names is None:
                 raise ConfigError("images=...: the class names are unknown; give class_names=[background,...]")
             return ImageListDataset(self.cfg.images), list(names)
         node = with_split(dataset_cfg.val if dataset_cfg.get("val") is not None else dataset_cfg.train, self.cfg.split)
         dataset = build_dataset(node, "dataset.val")
         return dataset, list(dataset.class_names)
-
-    def _checkpoint_classes(self) -> int:
-        return int(next(v for k, v in self.weights.items() if k.endswith("classifier.weight")).shape[0])
 
     def _batches(self) -> Any:
         dataset, sizes = self.dataset, self.dataset.image_sizes
@@ -308,8 +311,9 @@ class Evaluation:
                     if masks is not None:
                         matrix.update(labels, masks)
                     if self.options.save:
+                        labels_host = labels.cpu().numpy()  # one copy per batch, not per image
                         for k, name in enumerate(batch["name"]):
-                            writer.write(name, labels[k].cpu().numpy(), batch["image"][k] if keep_images else None)
+                            writer.write(name, labels_host[k], batch["image"][k] if keep_images else None)
                 else:  # CRF: each image goes to a worker with its logits and its uint8 pixels
                     logits = logits.float().cpu().numpy()
                     pixels = viz.denormalize_image(batch["image"])

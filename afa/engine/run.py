@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from afa.engine.builders import prepare_datasets
 from afa.engine.checkpoint import CheckpointManager, load_checkpoint, resolve_resume
 from afa.engine.dist import DistributedContext, all_reduce_sum_, barrier, cleanup, init_distributed
 from afa.engine.log import Logger, Progress, build_logger, setup_console_logging
@@ -126,9 +127,7 @@ class RunContext:
     def prepare_datasets(self, *datasets: Any) -> None:
         """Rank 0 writes what the datasets cache (the synthetic benchmark), then all ranks meet."""
         if self.is_main:
-            for dataset in datasets:
-                if dataset is not None and hasattr(dataset, "prepare"):
-                    dataset.prepare()
+            prepare_datasets(*datasets)
         self.barrier()
 
     def place(self, network: nn.Module) -> nn.Module:
