@@ -1,4 +1,5 @@
 """Evaluate a checkpoint: `python eval.py ckpt=PATH [eval=ss|ms|ms_crf] [key=value ...]` (see README)."""
+import os
 import sys
 
 import hydra
@@ -13,7 +14,8 @@ from afa.engine.evaluate import evaluate, print_results
 def main(cfg: DictConfig) -> None:
     choices = HydraConfig.get().runtime.choices
     results = run_command(lambda: evaluate(cfg, {group: choices.get(group) for group in ("model", "dataset", "method")}))
-    print_results(results, cfg)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank returns the same results
+        print_results(results, cfg)
 
 
 if __name__ == "__main__":

@@ -34,3 +34,19 @@ def test_user_error_is_one_line_exit_2(tmp_path, overrides, words):
 def test_full_error_keeps_the_traceback(tmp_path):
     result = run_train(tmp_path, "train.max_iters=-3", HYDRA_FULL_ERROR="1")
     assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_a_loader_worker_error_is_its_own_line():
+    from torch._utils import ExceptionWrapper
+
+    from afa.data.readers import DatasetError
+    from afa.engine.cli import user_message
+
+    try:
+        raise DatasetError("image /data/x.jpg cannot be read (truncated): the file is corrupt")
+    except DatasetError:
+        wrapper = ExceptionWrapper(sys.exc_info(), where="in DataLoader worker process 0")
+    with pytest.raises(DatasetError) as raised:
+        wrapper.reraise()  # what a DataLoader does in the main process
+    assert "Traceback" in str(raised.value)
+    assert user_message(raised.value) == "image /data/x.jpg cannot be read (truncated): the file is corrupt"

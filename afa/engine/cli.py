@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable
 from typing import TypeVar
 
+from afa.crf import CRFUnavailableError
 from afa.data.readers import DatasetError
 from afa.engine.config import ConfigError
 from afa.models.weights import CheckpointError
@@ -14,7 +15,9 @@ from afa.models.weights import CheckpointError
 T = TypeVar("T")
 
 # Errors whose message already names the file or key and the fix.
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DatasetError, CheckpointError, FileNotFoundError)
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ConfigError, DatasetError, CheckpointError, FileNotFoundError, CRFUnavailableError,
+)
 
 
 def run_command(command: Callable[[], T]) -> T:
@@ -27,9 +30,18 @@ def run_command(command: Callable[[], T]) -> T:
     except USER_ERRORS as error:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        message = error.args[0] if isinstance(error, FileNotFoundError) and error.args else error
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {user_message(error)}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def user_message(error: BaseException) -> str:
+    """The error's own one line, also when a DataLoader worker raised it (torch re-raises it
+    with the worker's traceback in the message; its last line is the original message)."""
+    message = str(error.args[0] if isinstance(error, FileNotFoundError) and error.args else error)
+    if "\nOriginal Traceback" in message:
+        last = message.rstrip().splitlines()[-1]
+        message = last.split(": ", 1)[1] if last.startswith(f"{type(error).__module__}.{type(error).__name__}: ") else last
+    return message
 
 
 STORED_GROUPS = ("model", "dataset", "method")

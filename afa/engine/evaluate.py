@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import tarfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,7 +116,15 @@ def with_split(node: DictConfig, split: str | None) -> DictConfig:
     holder = node.index if "index" in node and "split" in node.index else node
     if "split" not in holder:
         raise ConfigError(f"split={split}: the dataset config {node.get('_target_')} has no split to set")
+    split_file = holder.get("split_file")
+    if split_file is not None and Path(str(split_file)).stem != split:
+        raise ConfigError(
+            f"split={split}, but the dataset's list is split_file={split_file}: give the list of {split!r} "
+            f"(dataset.val.index.split_file=...) or dataset.val.index.split_file=null"
+        )
     holder.split = split
+    if split == "test" and "with_masks" in holder and str(holder.get("_target_", "")).endswith("voc_index"):
+        holder.with_masks = holder.with_labels = False  # VOC's test masks and labels are withheld (server)
     return node
 
 
@@ -235,9 +244,9 @@ class Evaluation:
         if self.options.crf is not None:
             require_crf()  # before any work: the install command, not a late ImportError
         self.dataset, self.class_names = self._dataset()
-        run.prepare_datasets(self.dataset)
         self.num_classes = len(self.class_names) - 1
         self.network = load_network(Path(cfg.ckpt), state, groups.model, self.num_classes).to(self.device)
+        run.prepare_datasets(self.dataset)  # after the checks: a wrong checkpoint fails before any work
         method = groups.method
         self.cam_scales = tuple(float(s) for s in method.cam.scales)
         self.bkg_score = float(method.cam.bkg_score)
@@ -292,9 +301,9 @@ class Evaluation:
         writer = OutputWriter(self.output_dir, self.options.save, self.class_names)
         crf = CRFPool(self.options.crf_workers, self.options.crf) if self.options.crf is not None else None
         pending_masks: dict[str, Tensor] = {}  # masks of images whose CRF label is not back yet
-        progress = self.run.progress(count, f"eval {self.options.target}", log_every=max(1, count // 10))
+        progress = self.run.progress(count, f"eval {self.options.target}", log_every=max(1, count // 10), unit="img")
+        started = time.perf_counter()
 
-        saw_masks = False
 
         def finish(name: str, label: Tensor, image: Tensor | None) -> None:
             if name in pending_masks:
@@ -305,7 +314,6 @@ class Evaluation:
             for batch in loader:
                 logits, labels = self._predict(batch)
                 masks = batch.get("mask")
-                saw_masks |= masks is not None
                 keep_images = "overlays" in self.options.save
                 if labels is not None:
                     if masks is not None:
@@ -335,22 +343,26 @@ class Evaluation:
             if crf is not None:
                 crf.close()
         self.run.barrier()  # every rank's files are written
+        seconds = time.perf_counter() - started
         images = int(self.run.reduce_sum_(torch.tensor([count], device=self.device)).item())
-        results = self._report(matrix.reduce_(self.run.reduce_sum_).compute(), images) if saw_masks else {
-            "output_dir": str(self.output_dir)}
+        speed = {"num_images": images, "seconds": round(seconds, 3), "images_per_second": round(images / seconds, 3)}
+        scored = bool(getattr(self.dataset, "with_masks", False))  # the same on every rank: the reduce is collective
+        results = self._report(matrix.reduce_(self.run.reduce_sum_).compute(), speed) if scored else {
+            **speed, "output_dir": str(self.output_dir)}
+        LOG.info("%d images in %.1f s (%.2f images/s)", images, seconds, images / seconds)
         if self.run.is_main:
             archive = writer.archive_server_layout()
             if archive is not None:
                 LOG.info("VOC server layout: %s (archive %s)", self.output_dir / "results", archive)
         return results
 
-    def _report(self, metrics: dict[str, Any], images: int) -> dict[str, Any]:
+    def _report(self, metrics: dict[str, Any], speed: dict[str, Any]) -> dict[str, Any]:
         names = self.class_names
         results = {
             "checkpoint": str(self.cfg.ckpt), "target": self.options.target, "split": self.cfg.split,
             "scales": list(self.options.protocol.scales), "flip": self.options.protocol.flip,
             "resize_long": self.options.protocol.resize_long, "crf": self.options.crf is not None,
-            "num_images": images, "class_names": names, "output_dir": str(self.output_dir),
+            **speed, "class_names": names, "output_dir": str(self.output_dir),
             "miou": metrics["miou"], "miou_standard": metrics["miou_standard"],
             "pixel_accuracy": metrics["pixel_accuracy"], "mean_accuracy": metrics["mean_accuracy"],
             "iou": dict(zip(names, metrics["iou"])),
@@ -377,7 +389,7 @@ def _finite_or_null(value: Any) -> Any:
 
 def print_results(results: dict[str, Any], cfg: DictConfig) -> None:
     """The command's last lines: the two mIoUs and accuracies, and where the files are."""
-    if results:
+    if "miou" in results:
         protocol = f"scales {results['scales']}{' + flip' if results['flip'] else ''}{' + CRF' if results['crf'] else ''}"
         print(
             f"{results['target']} on {results['split'] or 'val'} ({results['num_images']} images, {protocol}): "
@@ -385,11 +397,13 @@ def print_results(results: dict[str, Any], cfg: DictConfig) -> None:
             f"standard mIoU {results['miou_standard']:.4f} (over classes with a non-empty union) | "
             f"pixel accuracy {results['pixel_accuracy']:.4f} | mean accuracy {results['mean_accuracy']:.4f}"
         )
-    print(f"outputs: {results.get('output_dir', '')}")
+    print(f"{results['num_images']} images in {results['seconds']:.1f} s ({results['images_per_second']:.2f} images/s); "
+          f"outputs: {results['output_dir']}")
 
 
 def evaluate(cfg: DictConfig, chosen_groups: dict[str, str | None]) -> dict[str, Any]:
-    """Evaluate ``cfg.ckpt`` (see ``conf/eval.yaml``); returns the metrics (empty without masks)."""
+    """Evaluate ``cfg.ckpt`` (see ``conf/eval.yaml``); returns the metrics (without masks: the
+    image count, time and output folder only)."""
     path = Path(str(cfg.ckpt))
     state = read_checkpoint(path)
     groups = checkpoint_config(cfg, state, chosen_groups)

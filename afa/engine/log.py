@@ -299,6 +299,7 @@ class Progress:
         log_every: Emit a line every this many steps; 0 never.
         logger: Where lines go; the "afa" logger by default.
         bar: Force the bar on or off; by default on when stderr is a TTY.
+        unit: What a step is (``it`` for training iterations, ``img`` for evaluated images).
     """
 
     def __init__(
@@ -310,15 +311,18 @@ class Progress:
         log_every: int = 0,
         logger: logging.Logger | None = None,
         bar: bool | None = None,
+        unit: str = "it",
     ) -> None:
         self.total = total
+        self.unit = unit
         self.n = initial
         self.desc = desc
         self.enabled = enabled
         self.log_every = log_every
         self.logger = logger or logging.getLogger("afa")
         show_bar = enabled and (sys.stderr.isatty() if bar is None else bar)
-        self._bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, disable=not show_bar)
+        self._bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True,
+                         disable=not show_bar)
         self._start = (time.perf_counter(), initial)
         self._window = self._start
 
@@ -347,11 +351,11 @@ class Progress:
         return (self.total - self.n) * (time.perf_counter() - started) / done if done > 0 else float("nan")
 
     def summary(self, **postfix: float) -> str:
-        """One line: ``desc step/total (pct) | it/s | elapsed | ETA | key=value ...``; starts a new window."""
+        """One line: ``desc step/total (pct) | <unit>/s | elapsed | ETA | key=value ...``; starts a new window."""
         eta = self.eta_seconds
         parts = [
             f"{self.desc} {self.n}/{self.total} ({100.0 * self.n / max(self.total, 1):.1f}%)",
-            f"{self.rate:.2f} it/s",
+            f"{self.rate:.2f} {self.unit}/s",
             f"elapsed {tqdm.format_interval(time.perf_counter() - self._start[0])}",
             f"ETA {tqdm.format_interval(eta) if eta == eta else '?'}",
         ]
