@@ -31,7 +31,7 @@ count or scheduling.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -175,23 +175,32 @@ class CropTrainDataset(IndexedImageDataset):
     Args:
         index: the split (labels required; masks too with ``return_mask``).
         crop_size: S.
-        scale_range: uniform rescale range.
+        scale_range: uniform rescale range; None: no rescale (PSA.md §4, AffinityNet).
         flip_prob: horizontal flip probability.
         ignore_index: mask value outside the image (only with ``return_mask``).
         return_mask: also return the crop of the ground-truth mask (for monitoring;
             weakly-supervised training never needs it).
+        color_jitter: strengths ``{brightness, contrast, saturation, hue}`` of a colour
+            jitter (PSA.md §4: 0.3, 0.3, 0.3, 0.1), or None (off, AFA's default).
+        pad_after_normalize: pad the crop with 0 after normalisation (PSA's reference)
+            instead of RGB 0 before it (AFA's).
     """
 
     def __init__(
         self,
         index: ImageIndex | PendingIndex,
         crop_size: int = 512,
-        scale_range: Sequence[float] = (0.5, 2.0),
+        scale_range: Sequence[float] | None = (0.5, 2.0),
         flip_prob: float = 0.5,
         ignore_index: int = IGNORE_INDEX,
         return_mask: bool = False,
+        color_jitter: Mapping[str, float] | None = None,
+        pad_after_normalize: bool = False,
     ) -> None:
-        self.augmentation = TrainAugmentation(crop_size, scale_range, flip_prob, ignore_index)
+        self.augmentation = TrainAugmentation(
+            crop_size, scale_range, flip_prob, ignore_index,
+            color_jitter=color_jitter, pad_after_normalize=pad_after_normalize,
+        )
         self.return_mask = bool(return_mask)
         super().__init__(index, ignore_index)
 

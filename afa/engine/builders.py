@@ -11,6 +11,7 @@ from torch.utils.data import Dataset
 from afa.engine.config import ConfigError
 from afa.engine.optim import build_optimizer
 from afa.models.network import AFANetwork, build_afa_network
+from afa.models.psa import PSA_FEATURE_CHANNELS, PSA_STAGE_CHANNELS, AffinityNet, build_affinity_net
 
 
 def build_dataset(node: DictConfig, key: str) -> Dataset:
@@ -79,6 +80,21 @@ def build_network(model: DictConfig, num_classes: int) -> AFANetwork:
         strides=tuple(int(s) for s in model.strides),
         pretrained=model.pretrained,
         pretrained_decoder=bool(model.get("pretrained_decoder", False)),
+    )
+
+
+def build_affinity_network(
+    model: DictConfig, stage_channels: tuple[int, ...] = PSA_STAGE_CHANNELS, out_channels: int = PSA_FEATURE_CHANNELS,
+) -> AffinityNet:
+    """PSA's AffinityNet (PSA.md §4) on the backbone of ``cfg.model`` (its backbone, strides,
+    drop path and pretrained encoder weights), on the CPU like :func:`build_network`."""
+    return build_affinity_net(
+        backbone=model.backbone,
+        stage_channels=tuple(int(c) for c in stage_channels),
+        out_channels=int(out_channels),
+        drop_path_rate=model.drop_path_rate,
+        strides=tuple(int(s) for s in model.strides),
+        pretrained=model.pretrained,
     )
 
 
