@@ -356,12 +356,19 @@ class Evaluation:
                 LOG.info("VOC server layout: %s (archive %s)", self.output_dir / "results", archive)
         return results
 
+    def _protocol_used(self) -> dict[str, Any]:
+        """The scales that made the labels: the test protocol's for the segmentation head; the
+        training CAM scales (method.cam.scales, no flip, no resize) for the CAM and propagated labels."""
+        if self.options.target == "segmentation":
+            protocol = self.options.protocol
+            return {"scales": list(protocol.scales), "flip": protocol.flip, "resize_long": protocol.resize_long}
+        return {"scales": list(self.cam_scales), "flip": False, "resize_long": None}
+
     def _report(self, metrics: dict[str, Any], speed: dict[str, Any]) -> dict[str, Any]:
         names = self.class_names
         results = {
             "checkpoint": str(self.cfg.ckpt), "target": self.options.target, "split": self.cfg.split,
-            "scales": list(self.options.protocol.scales), "flip": self.options.protocol.flip,
-            "resize_long": self.options.protocol.resize_long, "crf": self.options.crf is not None,
+            **self._protocol_used(), "crf": self.options.crf is not None,
             **speed, "class_names": names, "output_dir": str(self.output_dir),
             "miou": metrics["miou"], "miou_standard": metrics["miou_standard"],
             "pixel_accuracy": metrics["pixel_accuracy"], "mean_accuracy": metrics["mean_accuracy"],
@@ -390,7 +397,8 @@ def _finite_or_null(value: Any) -> Any:
 def print_results(results: dict[str, Any], cfg: DictConfig) -> None:
     """The command's last lines: the two mIoUs and accuracies, and where the files are."""
     if "miou" in results:
-        protocol = f"scales {results['scales']}{' + flip' if results['flip'] else ''}{' + CRF' if results['crf'] else ''}"
+        scales = "CAM scales" if results["target"] != "segmentation" else "scales"
+        protocol = f"{scales} {results['scales']}{' + flip' if results['flip'] else ''}{' + CRF' if results['crf'] else ''}"
         print(
             f"{results['target']} on {results['split'] or 'val'} ({results['num_images']} images, {protocol}): "
             f"mIoU {results['miou']:.4f} (over classes in the ground truth, as the reference) | "
