@@ -334,3 +334,37 @@ def test_command_line_errors_are_one_line(trained, tmp_path, case):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in done.stderr
     assert ("missing.pt does not exist" if case == "missing" else "pip install -r requirements-crf.txt") in lines[0]
+
+
+@pytest.mark.parametrize("override, key", [
+    ("batch_size=0", "batch_size"), ("crf_workers=-1", "crf_workers"), ("max_images=0", "max_images"),
+    ("resize_long=big", "resize_long"), ("target=labels", "target"), ("save=[pictures]", "save"), ("scales=[]", "scales"),
+])
+def test_bad_eval_options_name_the_key(trained, tmp_path, override, key):
+    ckpt, _ = trained
+    with pytest.raises(ConfigError, match=key):
+        run_eval(ckpt, tmp_path / "out", override)
+
+
+def test_metrics_reach_the_experiment_logger(trained, tmp_path, monkeypatch):
+    from afa.engine import run as run_module
+    from afa.engine.log import Logger
+
+    class Recorder(Logger):
+        def __init__(self):
+            self.scalars, self.tables = {}, {}
+
+        def log_scalars(self, values, step):
+            self.scalars.update(values)
+
+        def log_table(self, name, columns, rows, step):
+            self.tables[name] = (list(columns), [list(row) for row in rows])
+
+    recorder = Recorder()
+    monkeypatch.setattr(run_module, "build_logger", lambda *args, **kwargs: recorder)
+    results = run_eval(trained[0], tmp_path / "out", "eval=ss")
+    assert recorder.scalars["eval/miou"] == pytest.approx(results["miou"])
+    assert set(recorder.scalars) == {"eval/miou", "eval/miou_standard", "eval/pixel_accuracy", "eval/mean_accuracy"}
+    columns, rows = recorder.tables["eval/per_class_iou"]
+    assert columns == ["index", "class", "iou"] and [row[1] for row in rows] == results["class_names"]
+    assert all(len(row) == 3 for row in rows)

@@ -74,6 +74,10 @@ class EvalOptions:
         scales = tuple(float(s) for s in cfg.scales)
         if not scales or min(scales) <= 0:
             raise ConfigError(f"scales={list(scales)}: give one or more positive scales")
+        for key, low in (("batch_size", 1), ("num_workers", 0), ("crf_workers", 0), ("max_images", 1)):
+            value = cfg.get(key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
+                raise ConfigError(f"{key}={value}: give an integer >= {low}" + (" or null" if key in ("crf_workers", "max_images") else ""))
         workers = cfg.crf_workers
         return cls(
             target=cfg.target,
@@ -131,6 +135,8 @@ def with_split(node: DictConfig, split: str | None) -> DictConfig:
 def resolve_resize_long(value: Any, dataset: DictConfig) -> int | None:
     """``auto``: the dataset's ``eval_resize_long`` when it has one (the synthetic benchmark:
     null, evaluated at its size like the training validation), else the reference's 512."""
+    if value not in (None, "auto") and (not isinstance(value, int) or isinstance(value, bool) or value < 32):
+        raise ConfigError(f"resize_long={value}: give auto, null or a long side in pixels (>= 32)")
     if value == "auto":
         value = dataset.get("eval_resize_long", 512)
     return None if value is None else int(value)
@@ -379,7 +385,7 @@ class Evaluation:
             rows = iou_table_rows(metrics["iou"], names)
             experiment = self.run.experiment
             experiment.log_scalars({f"eval/{k}": results[k] for k in ("miou", "miou_standard", "pixel_accuracy", "mean_accuracy")}, step=0)
-            experiment.log_table("eval/per_class_iou", ["class", "iou"], rows, step=0)
+            experiment.log_table("eval/per_class_iou", ["index", "class", "iou"], rows, step=0)
             for name, value in zip(names, metrics["iou"]):
                 LOG.info("  %-16s %s", name, "   -  " if math.isnan(value) else f"{value:.4f}")
         return results
