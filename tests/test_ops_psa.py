@@ -19,6 +19,7 @@ from afa.ops import (
     grid_valid_mask,
     normalize_cams_by_max,
     psa_affinity_loss,
+    psa_multi_scale_cams,
     psa_random_walk,
     random_walk_label,
 )
@@ -391,3 +392,32 @@ def test_random_walk_label_crops_the_padded_upsampling_and_skips_absent_classes(
                 assert ours[b, y, x] == present[values.index(max(values))]
     with pytest.raises(ValueError, match="image_size"):
         random_walk_label(walked, labels, (25, 29), stride)
+
+
+@pytest.mark.parametrize("flip", [True, False])
+def test_psa_multi_scale_cams_match_per_image_loop(flip: bool):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 4, kernel_size=4, stride=4)
+
+    def cam_fn(images, affinity_images):
+        return conv(images), None
+
+    images = torch.randn(2, 3, 36, 44)
+    labels = torch.tensor([[1.0, 0, 1, 0], [0, 1, 1, 1]])
+    scales = (1.0, 0.5, 1.5, 2.0)
+    expected = []
+    with torch.no_grad():
+        for image, label in zip(images, labels):
+            total = torch.zeros(4, 36, 44)
+            for scale in scales:
+                size = (int(scale * 36), int(scale * 44))
+                scaled = torch.nn.functional.interpolate(image[None], size=size, mode="bilinear", align_corners=False)
+                passes = [conv(scaled).relu()] + ([conv(scaled.flip(-1)).relu().flip(-1)] if flip else [])
+                for cam in passes:
+                    total += torch.nn.functional.interpolate(cam, size=(36, 44), mode="bilinear", align_corners=False)[0]
+            for c in range(4):
+                total[c] = total[c] / (total[c].max() + 1e-5) * label[c]
+            expected.append(total)
+        cams = psa_multi_scale_cams(cam_fn, images, labels, scales, flip=flip)
+    torch.testing.assert_close(cams, torch.stack(expected), atol=1e-5, rtol=1e-5)
+    assert cams.max() < 1 and (cams[0, 1] == 0).all()

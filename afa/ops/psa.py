@@ -12,12 +12,14 @@ cell is divided by 8·8, padding included (the reference pads, then pools).
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from afa.constants import IGNORE_INDEX
+from afa.ops.cam import CamFunction
 
 # PSA.md §2, §3, §5: the reference's values.
 PSA_RADIUS: int = 5
@@ -44,6 +46,43 @@ def normalize_cams_by_max(cams: Tensor, labels: Tensor, valid: Tensor | None = N
         positive = positive * valid[:, None].to(positive.dtype)
     peak = positive.flatten(2).amax(dim=2)[:, :, None, None]  # (B, C, 1, 1)
     return positive / (peak + 1e-5) * labels[:, :, None, None].to(positive.dtype)
+
+
+def psa_multi_scale_cams(
+    cam_fn: CamFunction, images: Tensor, labels: Tensor, scales: Sequence[float] = (1.0, 0.5, 1.5, 2.0),
+    flip: bool = True,
+) -> Tensor:
+    """PSA's inference CAMs (PSA.md §1): every scale (and its flip) through the classifier,
+    ReLU per pass as PSA's ``forward_cam``, upsampled to the image, summed, then each
+    present class divided by its spatial max (:func:`normalize_cams_by_max`).
+
+    One ``cam_fn`` call per scale on [images; flipped images]; no gradients.
+
+    Args:
+        cam_fn: the CAM-only forward (see `afa.ops.cam.CamFunction`); raw CAMs, no ReLU.
+        images: (B, 3, H, W) normalised, same size.
+        labels: (B, C) multi-hot image labels.
+        scales: resize factors; the image at scale s is (⌊sH⌋, ⌊sW⌋) as in AFA.md §3.
+        flip: add each scale's horizontal flip (flipped back before summing).
+
+    Returns:
+        (B, C, H, W) float32 M_c in [0, 1), 0 for absent classes.
+    """
+    if not scales:
+        raise ValueError("afa/ops/psa.py psa_multi_scale_cams: scales is empty; pass e.g. (1.0, 0.5, 1.5, 2.0)")
+    batch, _, height, width = images.shape
+    total: Tensor | None = None
+    with torch.no_grad():
+        for scale in scales:
+            size = (int(scale * height), int(scale * width))
+            scaled = images if size == (height, width) else F.interpolate(
+                images, size=size, mode="bilinear", align_corners=False)
+            raw, _ = cam_fn(torch.cat([scaled, scaled.flip(-1)]) if flip else scaled, 0)
+            cams = F.interpolate(raw.float().relu(), size=(height, width), mode="bilinear", align_corners=False)
+            summed = cams[:batch] + cams[batch:].flip(-1) if flip else cams
+            total = summed if total is None else total.add_(summed)
+    assert total is not None  # scales is non-empty, checked above
+    return normalize_cams_by_max(total, labels)
 
 
 def background_score(cams: Tensor, alpha: float) -> Tensor:
