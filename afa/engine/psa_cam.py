@@ -1,0 +1,147 @@
+"""The PSA mode's CAM-stage outputs (PSA.md §1, §2, §5): what the affinity and random-walk
+stages read, written once per training image.
+
+For each image of the split: the multi-scale + flip CAM (§1); the confident-region label on
+the stride-8 grid (§2, optionally from CRF-refined scores), saved as a palette PNG; the
+random walk's input X = [M_bg(α = 16); M_c] pooled to the grid (§5), saved for the present
+classes only (``.npz``: kilobytes per image, where the reference writes a full-resolution
+float array per image); and the CAM label with a constant background score (0.2, §5's
+quality measure), scored against the masks when the split has them.
+
+The affinity stage crops its images at multiples of the stride, so a crop's pooled cells are
+cells of the full image's grid and its label is a window of the saved grid label (the
+reference crops anywhere and pools after cropping: the same values, crop positions rounded
+to 8 px).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from afa import viz
+from afa.crf import CRFOptions, dense_crf
+from afa.data.readers import write_index_mask
+from afa.metrics import ConfusionMatrix
+from afa.models.network import AFANetwork
+from afa.ops import cam_scores_on_grid, cam_to_label, confident_region_label, psa_multi_scale_cams, scores_with_background
+
+# PSA.md §2: the reference's CRF for the background/CAM scores.
+PSA_CRF = CRFOptions(iterations=10, gaussian_sxy=3.0, gaussian_compat=3.0, bilateral_sxy=80.0, bilateral_srgb=13.0,
+                     bilateral_compat=10.0)
+AFFINITY_LABELS = "affinity_labels"
+WALK_SCORES = "walk_scores"
+
+
+@dataclass(frozen=True)
+class CAMStageOptions:
+    """PSA.md §1, §2, §5 with the reference's values."""
+
+    scales: tuple[float, ...] = (1.0, 0.5, 1.5, 2.0)
+    flip: bool = True
+    alpha_low: float = 4.0
+    alpha_high: float = 32.0
+    alpha_walk: float = 16.0
+    crf: CRFOptions | None = None  # PSA_CRF to refine both score maps (needs pydensecrf2)
+    cam_label_bkg_score: float = 0.2
+
+
+@dataclass
+class CAMStageOutput:
+    """One batch's outputs (same-size images).
+
+    Attributes:
+        cam_label: (B, H, W) int64, the CAM label with the constant background score.
+        affinity_label: (B, h, w) int64 on the grid: 0, 1..C, or IGN.
+        walk_scores: (B, 1 + C, h, w) float32 X of §5 (absent classes 0).
+    """
+
+    cam_label: Tensor
+    affinity_label: Tensor
+    walk_scores: Tensor
+
+
+def crf_refined_scores(images: Tensor, cams: Tensor, labels: Tensor, alpha: float, options: CRFOptions) -> Tensor:
+    """[M_bg(α); M_c] refined by the dense CRF, per image over its present classes only, as
+    the reference does (PSA.md §2); absent channels stay 0 so they never win.
+
+    Args:
+        images: (B, 3, H, W) normalised; the CRF sees their uint8 RGB.
+        cams: (B, C, H, W) normalised CAMs.
+
+    Returns:
+        (B, 1 + C, H, W) float32 CRF marginals.
+    """
+    scores = scores_with_background(cams, alpha).float().cpu()
+    pixels = viz.denormalize_image(images.cpu())
+    refined = torch.zeros_like(scores)
+    present = torch.cat([torch.ones_like(labels[:, :1]), labels], dim=1).bool().cpu()
+    for k in range(scores.shape[0]):  # the CRF is a per-image CPU computation
+        channels = present[k].nonzero().flatten()
+        marginals = dense_crf(pixels[k], scores[k, channels].numpy(), options)
+        refined[k, channels] = torch.from_numpy(marginals)
+    return refined.to(cams.device)
+
+
+@torch.no_grad()
+def cam_stage_outputs(network: AFANetwork, images: Tensor, labels: Tensor, options: CAMStageOptions) -> CAMStageOutput:
+    """The CAM stage's outputs for a batch of same-size images with their image labels."""
+    cams = psa_multi_scale_cams(network.forward_cam, images, labels, options.scales, options.flip)
+    if options.crf is None:
+        affinity_label = confident_region_label(cams, labels, options.alpha_low, options.alpha_high)
+    else:
+        affinity_label = confident_region_label(
+            None, labels, scores_low=crf_refined_scores(images, cams, labels, options.alpha_low, options.crf),
+            scores_high=crf_refined_scores(images, cams, labels, options.alpha_high, options.crf),
+        )
+    return CAMStageOutput(
+        cam_label=cam_to_label(cams, labels, options.cam_label_bkg_score),
+        affinity_label=affinity_label,
+        walk_scores=cam_scores_on_grid(cams, options.alpha_walk),
+    )
+
+
+def save_walk_scores(path: Path, scores: Tensor, labels: Tensor) -> None:
+    """X of one image, (1 + C, h, w), stored for the background and its present classes (float16)."""
+    classes = labels.nonzero().flatten() + 1
+    channels = torch.cat([classes.new_zeros(1), classes])
+    np.savez(path, classes=classes.cpu().numpy().astype(np.int16),
+             scores=scores[channels].cpu().numpy().astype(np.float16))
+
+
+def load_walk_scores(path: Path, num_classes: int) -> Tensor:
+    """(1 + C, h, w) float32 X of one image from :func:`save_walk_scores` (absent classes 0)."""
+    with np.load(path) as stored:
+        classes, scores = stored["classes"].astype(np.int64), torch.from_numpy(stored["scores"].astype(np.float32))
+    full = scores.new_zeros((1 + num_classes, *scores.shape[1:]))
+    full[torch.from_numpy(np.concatenate([[0], classes]))] = scores
+    return full
+
+
+def write_cam_stage(network: AFANetwork, batches: Iterable[dict], out_dir: Path, num_classes: int,
+                    options: CAMStageOptions, device: torch.device) -> dict | None:
+    """Writes every image's affinity label and walk scores under ``out_dir``; returns the CAM
+    label's metrics (``ConfusionMatrix.compute``) when the batches carry masks, else None.
+
+    Args:
+        batches: samples collated by size (``name``, ``image``, ``labels``, optionally ``mask``).
+    """
+    for folder in (AFFINITY_LABELS, WALK_SCORES):
+        (out_dir / folder).mkdir(parents=True, exist_ok=True)
+    matrix, scored = ConfusionMatrix(num_classes + 1, device=device), False
+    network.eval()
+    for batch in batches:
+        images, labels = batch["image"].to(device), batch["labels"].to(device)
+        output = cam_stage_outputs(network, images, labels, options)
+        if "mask" in batch:
+            matrix.update(output.cam_label, batch["mask"].to(device))
+            scored = True
+        grid_labels = output.affinity_label.cpu().numpy().astype(np.uint8)
+        for k, name in enumerate(batch["name"]):
+            write_index_mask(out_dir / AFFINITY_LABELS / f"{name}.png", grid_labels[k])
+            save_walk_scores(out_dir / WALK_SCORES / f"{name}.npz", output.walk_scores[k], labels[k])
+    return matrix.compute() if scored else None
