@@ -74,3 +74,45 @@ def test_affinity_net_trains_end_to_end():
     assert torch.isfinite(loss) and all(p.grad is not None for p in network.parameters() if p.requires_grad)
     with pytest.raises(ValueError, match="stride"):
         affinity_training_loss(network, images, labels[:, :4])
+
+
+def test_cam_stage_then_random_walk_writes_pseudo_labels(tmp_path):
+    from afa.data import FullImageEvalDataset, SameSizeBatchSampler, build_loader, read_mask, voc_index
+    from afa.data.readers import DatasetError
+    from afa.engine.builders import build_network
+    from afa.engine.psa_affinity import PSEUDO_LABELS, WithWalkScores, write_walk_labels
+    from afa.engine.psa_cam import CAMStageOptions, write_cam_stage
+    from tests.fixtures import write_voc_fixture
+
+    folder = write_voc_fixture(tmp_path / "voc", {"a": [1], "b": [3, 5]}, size=(61, 77))  # PNG images
+    index = voc_index(folder, "ab", split_file=_write_list(tmp_path / "ab.txt", ["a", "b"]),
+                      labels_file=folder / "cls_labels.json", image_ext=".png", with_masks=True)
+    dataset = FullImageEvalDataset(index)
+    dataset.prepare()
+
+    def batches(data):
+        return build_loader(data, batch_sampler=SameSizeBatchSampler(data.image_sizes, 2), num_workers=0)
+
+    torch.manual_seed(0)
+    model = compose_config(["model=mit_tiny"]).model
+    cam_metrics = write_cam_stage(build_network(model, 20).eval(), batches(dataset), tmp_path / "cam", 20,
+                                  CAMStageOptions(scales=(1.0,)), torch.device("cpu"))
+    assert cam_metrics is not None
+    affinity_net = build_affinity_network(model).eval()
+    walk_data = WithWalkScores(dataset, tmp_path / "cam", 20)
+    metrics = write_walk_labels(affinity_net, batches(walk_data), tmp_path / "rw", 20, WalkOptions(), torch.device("cpu"))
+    assert metrics is not None and 0.0 <= metrics["miou"] <= 1.0
+    for k, name in enumerate(["a", "b"]):
+        written = read_mask(tmp_path / "rw" / PSEUDO_LABELS / f"{name}.png")
+        sample = walk_data[k]
+        direct = random_walk_labels(affinity_net, sample["image"][None], sample["labels"][None], sample["walk_scores"][None])
+        assert written.shape == (61, 77) and (torch.from_numpy(written.astype("int64")) == direct[0]).all()
+        present = {0} | {int(c) + 1 for c in sample["labels"].nonzero().flatten()}
+        assert set(written.flatten().tolist()) <= present
+    with pytest.raises(DatasetError, match="run the CAM stage first"):
+        WithWalkScores(dataset, tmp_path / "nowhere", 20)[0]
+
+
+def _write_list(path, names):
+    path.write_text("".join(f"{n}\n" for n in names))
+    return path

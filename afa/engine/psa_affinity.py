@@ -6,11 +6,20 @@ grid (B, D, ⌈H/8⌉, ⌈W/8⌉), such as `afa.models.psa.AffinityNet`.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from afa.data.readers import DatasetError, write_index_mask
+from afa.engine.psa_cam import WALK_SCORES, load_walk_scores
+from afa.metrics import ConfusionMatrix
 
 from afa.ops import (
     PSA_RADIUS,
@@ -83,3 +92,58 @@ def random_walk_labels(network: nn.Module, images: Tensor, labels: Tensor, walk_
     affinity = feature_affinity(features.float(), origins, partners)
     walked = psa_random_walk(walk_scores.float(), affinity, origins, partners, options.beta, options.logt)
     return random_walk_label(walked, labels, (height, width))
+
+
+PSEUDO_LABELS = "pseudo_labels"
+
+
+class WithWalkScores(Dataset):
+    """A full-image dataset's samples plus ``walk_scores`` (1 + C, h, w), the CAM stage's X of
+    that image, read in the loader's workers.
+
+    Args:
+        dataset: samples with ``name``, ``image``, ``labels`` (e.g. FullImageEvalDataset).
+        cam_dir: the CAM stage's output folder (holding ``walk_scores/``).
+        num_classes: foreground classes C.
+    """
+
+    def __init__(self, dataset: Dataset, cam_dir: str | Path, num_classes: int) -> None:
+        self.dataset, self.folder, self.num_classes = dataset, Path(cam_dir) / WALK_SCORES, int(num_classes)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    @property
+    def image_sizes(self) -> list[tuple[int, int]]:
+        return self.dataset.image_sizes
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = dict(self.dataset[index])
+        path = self.folder / f"{sample['name']}.npz"
+        if not path.is_file():
+            raise DatasetError(f"{path} does not exist: run the CAM stage first (method.stage=cam)")
+        sample["walk_scores"] = load_walk_scores(path, self.num_classes)
+        return sample
+
+
+def write_walk_labels(network: nn.Module, batches: Iterable[dict], out_dir: Path, num_classes: int,
+                      options: WalkOptions, device: torch.device) -> dict | None:
+    """Random-walk pseudo labels (PSA.md §5) of every image as palette PNGs in
+    ``out_dir/pseudo_labels`` (readable as a dataset's masks); returns their metrics against
+    the masks when the batches carry them, else None.
+
+    Args:
+        batches: samples of :class:`WithWalkScores` collated by size.
+    """
+    (out_dir / PSEUDO_LABELS).mkdir(parents=True, exist_ok=True)
+    matrix, scored = ConfusionMatrix(num_classes + 1, device=device), False
+    network.eval()
+    for batch in batches:
+        labels = random_walk_labels(network, batch["image"].to(device), batch["labels"].to(device),
+                                    batch["walk_scores"].to(device), options)
+        if "mask" in batch:
+            matrix.update(labels, batch["mask"].to(device))
+            scored = True
+        for name, label in zip(batch["name"], labels.cpu().numpy().astype(np.uint8)):
+            write_index_mask(out_dir / PSEUDO_LABELS / f"{name}.png", label)
+    return matrix.compute() if scored else None
