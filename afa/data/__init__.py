@@ -12,7 +12,14 @@ nested ``_target_`` (``conf/dataset/*.yaml``).
 from afa.data.check import CheckReport, check_dataset
 from afa.data.classes import COCO_CATEGORY_IDS, COCO_CLASSES, IGNORE_INDEX, VOC_CLASSES, voc_palette
 from afa.data.coco_masks import build_coco_split, rasterize_annotations
-from afa.data.datasets import CropTrainDataset, FullImageEvalDataset, IndexedImageDataset, labels_to_multi_hot
+from afa.data.datasets import (
+    PSA_COLOR_JITTER,
+    AffinityCropDataset,
+    CropTrainDataset,
+    FullImageEvalDataset,
+    IndexedImageDataset,
+    labels_to_multi_hot,
+)
 from afa.data.layouts import ImageIndex, PendingIndex, coco_index, custom_index, load_labels_file, voc_index
 from afa.data.readers import DatasetError, image_size, read_image, read_mask, validate_mask
 from afa.data.loaders import build_loader, worker_context
@@ -29,8 +36,8 @@ from afa.data.synthetic import (
 from afa.data.transforms import IMAGENET_MEAN, IMAGENET_STD, TrainAugmentation, normalize_to_tensor
 
 __all__ = [
-    "COCO_CATEGORY_IDS", "COCO_CLASSES", "IGNORE_INDEX", "IMAGENET_MEAN", "IMAGENET_STD",
-    "SYNTHETIC_CLASSES", "VOC_CLASSES", "CheckReport", "CropTrainDataset", "DatasetError",
+    "COCO_CATEGORY_IDS", "COCO_CLASSES", "IGNORE_INDEX", "IMAGENET_MEAN", "IMAGENET_STD", "PSA_COLOR_JITTER",
+    "SYNTHETIC_CLASSES", "VOC_CLASSES", "AffinityCropDataset", "CheckReport", "CropTrainDataset", "DatasetError",
     "FullImageEvalDataset", "ImageIndex", "IndexedImageDataset", "PendingIndex", "ResumableSampler",
     "SameSizeBatchSampler", "SyntheticIndex", "SyntheticSpec", "SyntheticTrainDataset",
     "TrainAugmentation", "build_coco_split", "check_dataset", "coco_index", "custom_index", "generate_image",

@@ -20,6 +20,9 @@ Samples (AFA.md §9):
 - train: ``name`` str; ``image`` (3, S, S) float32 normalised; ``labels`` (C,) float32
   multi-hot (index c-1 for class c); ``valid_box`` (4,) int64 (top, bottom, left, right),
   half-open; ``mask`` (S, S) int64 only with ``return_mask=True``.
+- affinity (PSA.md §4, :class:`AffinityCropDataset`): ``name``; ``image`` (3, S, S) float32
+  normalised, 0 outside the image; ``grid_label`` (S/8, S/8) int64, the window of the CAM
+  stage's grid label; ``crop_box``, ``valid_box`` (4,) int64; ``flipped`` bool.
 - eval: ``name``; ``image`` (3, H, W) float32 normalised; ``mask`` (H, W) int64 with 255
   ignore (absent with ``with_masks=False``); ``labels`` (C,) float32 (absent with
   ``with_labels=False``).
@@ -34,6 +37,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -42,16 +46,21 @@ from torch.utils.data import Dataset
 
 from afa.data.classes import IGNORE_INDEX
 from afa.data.layouts import IMAGE_EXTENSIONS, ImageIndex, PendingIndex
-from afa.data.readers import image_size, read_image, read_mask, validate_mask
+from afa.data.readers import DatasetError, image_size, read_image, read_mask, validate_mask
 from afa.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    ColorJitter,
     TrainAugmentation,
     mask_to_tensor,
     normalize_to_tensor,
 )
 
 SampleItem = int | tuple[int, int]
+# PSA.md §4: AffinityNet's colour jitter strengths.
+PSA_COLOR_JITTER: Mapping[str, float] = MappingProxyType(
+    {"brightness": 0.3, "contrast": 0.3, "saturation": 0.3, "hue": 0.1}
+)
 
 
 def split_item(item: Any) -> tuple[int, int | None]:
@@ -61,6 +70,15 @@ def split_item(item: Any) -> tuple[int, int | None]:
             raise TypeError(f"expected an index or an (index, sample_seed) pair, got {item!r}")
         return int(item[0]), int(item[1])
     return int(item), None
+
+
+def sample_rng(item: Any) -> tuple[np.random.Generator, int]:
+    """The sample's generator and position for ``index`` or ``(index, sample_seed)``."""
+    position, sample_seed = split_item(item)
+    if sample_seed is None:
+        # Plain indices: seed from torch so DataLoader worker seeding applies as usual.
+        sample_seed = int(torch.randint(0, 2**62, ()).item())
+    return np.random.default_rng(sample_seed), position
 
 
 def labels_to_multi_hot(classes: Sequence[int], num_classes: int) -> torch.Tensor:
@@ -214,15 +232,157 @@ class CropTrainDataset(IndexedImageDataset):
             )
 
     def __getitem__(self, item: SampleItem) -> dict[str, Any]:
-        position, sample_seed = split_item(item)
-        if sample_seed is None:
-            # Plain indices: seed from torch so DataLoader worker seeding applies as usual.
-            sample_seed = int(torch.randint(0, 2**62, ()).item())
-        rng = np.random.default_rng(sample_seed)
+        rng, position = sample_rng(item)
         image = self.load_image(position)
         mask = self.load_mask(position, image.shape[:2]) if self.return_mask else None
         sample = self.augmentation(image, rng, mask)
         return {"name": self.names[position], "labels": self.labels(position), **sample}
+
+
+def grid_crop_window(size: int, crop_size: int, stride: int, rng: np.random.Generator) -> tuple[int, int, int]:
+    """Place one axis of a crop at a multiple of ``stride`` (``size`` and ``crop_size`` are multiples of it).
+
+    The semantics of :func:`afa.data.transforms._crop_window`, quantised: a crop smaller
+    than the extent lies inside it, uniformly among the stride-aligned offsets; a larger
+    crop holds the whole extent at a uniformly drawn stride-aligned offset.
+
+    Returns:
+        (source_start, target_start, length) in pixels, each a multiple of ``stride``.
+    """
+    if size >= crop_size:
+        return stride * int(rng.integers(0, (size - crop_size) // stride + 1)), 0, crop_size
+    return 0, stride * int(rng.integers(0, (crop_size - size) // stride + 1)), size
+
+
+class AffinityCropDataset(IndexedImageDataset):
+    """AffinityNet's training crops with their window of the CAM stage's grid label (PSA.md §4).
+
+    Augmentation: no rescale; horizontal flip with ``flip_prob``; colour jitter of the whole
+    image; an S×S crop at a multiple of ``stride``; 0 after normalisation outside the image.
+    The CAM stage saved ``<label_dir>/<name>.png``, the (⌈H/8⌉, ⌈W/8⌉) confident-region
+    label of the whole image (PSA.md §2), so the label of a stride-aligned crop is a window
+    of it (``afa/engine/psa_cam.py``):
+
+    1. The image is padded at bottom/right to the grid's extent (8⌈H/8⌉, 8⌈W/8⌉), the
+       canvas; its padding pixels are outside the image, and their partial cells keep the
+       saved label (the CAM stage pooled them zero-padded, as the reference does).
+    2. A flip mirrors the canvas and the grid label together, so cells stay aligned. The
+       reference flips the image before cropping too; with a width that is not a multiple
+       of 8 the flip moves the padding to the left, which changes nothing of the labels.
+    3. Per axis (rows, then columns), :func:`grid_crop_window` on the canvas: a crop smaller
+       than the canvas lies inside it at a uniformly drawn multiple of 8; a larger crop
+       holds the canvas at such an offset.
+    4. ``grid_label`` is the window of the (flipped) grid label at offset / 8, ``ignore_index``
+       where the crop extends beyond the canvas; ``image`` is 0 wherever it is not the image.
+
+    Randomness comes from the sample's generator (see the module docstring), drawn in the
+    order flip, jitter, crop rows, crop columns.
+
+    Sample keys besides ``name``, ``image`` (3, S, S) and ``grid_label`` (S/8, S/8) int64:
+    ``crop_box`` (4,) int64 (top, bottom, left, right), half-open, the crop in the (flipped)
+    canvas's pixel coordinates (negative or past the canvas where the crop holds padding);
+    ``valid_box`` (4,) int64, the crop region covered by real image pixels (as
+    :class:`CropTrainDataset`); ``flipped`` 0-d bool tensor.
+
+    Args:
+        index: the split the CAM stage ran on (labels and masks are not read).
+        label_dir: the folder of the grid labels (``<cam stage>/affinity_labels``).
+        crop_size: S, a multiple of ``stride`` (PSA: 448).
+        stride: the grid stride (8).
+        flip_prob: horizontal flip probability.
+        color_jitter: strengths ``{brightness, contrast, saturation, hue}`` (PSA: 0.3, 0.3,
+            0.3, 0.1), or None (off).
+        ignore_index: label of cells outside the saved grid (the CAM stage's IGN).
+        mean, std: normalisation constants.
+    """
+
+    def __init__(
+        self,
+        index: ImageIndex | PendingIndex,
+        label_dir: str | Path,
+        crop_size: int = 448,
+        stride: int = 8,
+        flip_prob: float = 0.5,
+        color_jitter: Mapping[str, float] | None = PSA_COLOR_JITTER,
+        ignore_index: int = IGNORE_INDEX,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
+        if int(stride) <= 0:
+            raise ValueError(f"stride must be positive, got {stride}")
+        if int(crop_size) <= 0 or int(crop_size) % int(stride):
+            raise ValueError(
+                f"crop_size must be a positive multiple of stride={stride} (the crop's label is a window "
+                f"of the stride-{stride} grid), got crop_size={crop_size}: use e.g. "
+                f"{max(int(stride), int(crop_size) // int(stride) * int(stride))}"
+            )
+        self.label_dir = Path(label_dir)
+        self.crop_size, self.stride = int(crop_size), int(stride)
+        self.flip_prob = float(flip_prob)
+        self.color_jitter = ColorJitter.from_options(color_jitter)
+        self.mean, self.std = tuple(mean), tuple(std)
+        super().__init__(index, ignore_index)
+
+    def label_path(self, position: int) -> Path:
+        return self.label_dir / f"{self.names[position]}.png"
+
+    def load_grid_label(self, position: int, image_hw: tuple[int, int]) -> np.ndarray:
+        """(⌈H/8⌉, ⌈W/8⌉) uint8 grid label of an image, checked against its size and the classes."""
+        path = self.label_path(position)
+        if not path.is_file():
+            raise DatasetError(f"affinity label {path} not found: run the CAM stage first (it writes "
+                               f"{self.label_dir}/<name>.png for every training image)")
+        grid = read_mask(path)
+        expected = tuple(-(-side // self.stride) for side in image_hw)
+        if grid.shape != expected:
+            raise DatasetError(
+                f"affinity label {path} is {grid.shape[0]}x{grid.shape[1]} but its {image_hw[0]}x{image_hw[1]} "
+                f"image needs {expected[0]}x{expected[1]} (stride {self.stride}): re-run the CAM stage"
+            )
+        validate_mask(grid, self.num_classes, expected, path, self.ignore_index)
+        return grid
+
+    def __getitem__(self, item: SampleItem) -> dict[str, Any]:
+        rng, position = sample_rng(item)
+        image = self.load_image(position)
+        height, width = image.shape[:2]
+        grid = self.load_grid_label(position, (height, width))
+        flipped = bool(rng.random() < self.flip_prob)
+        if self.color_jitter is not None:
+            image = self.color_jitter(image, rng)  # per pixel except contrast's image mean: flip-invariant
+
+        stride, size = self.stride, self.crop_size
+        canvas = torch.zeros((3, grid.shape[0] * stride, grid.shape[1] * stride), dtype=torch.float32)
+        canvas[:, :height, :width] = normalize_to_tensor(image, self.mean, self.std)
+        image_cols = (0, width)
+        if flipped:
+            canvas, grid = canvas.flip(-1), grid[:, ::-1]
+            image_cols = (canvas.shape[-1] - width, canvas.shape[-1])
+
+        rows = grid_crop_window(canvas.shape[1], size, stride, rng)
+        cols = grid_crop_window(canvas.shape[2], size, stride, rng)
+        source = (slice(rows[0], rows[0] + rows[2]), slice(cols[0], cols[0] + cols[2]))
+        target = (slice(rows[1], rows[1] + rows[2]), slice(cols[1], cols[1] + cols[2]))
+        crop = torch.zeros((3, size, size), dtype=torch.float32)
+        crop[:, target[0], target[1]] = canvas[:, source[0], source[1]]
+        grid_crop = np.full((size // stride, size // stride), self.ignore_index, np.int64)
+        grid_crop[tuple(slice(s.start // stride, s.stop // stride) for s in target)] = \
+            grid[tuple(slice(s.start // stride, s.stop // stride) for s in source)]
+
+        top, left = rows[0] - rows[1], cols[0] - cols[1]  # the crop's origin in canvas coordinates
+        crop_box = np.array([top, top + size, left, left + size], np.int64)
+        valid_box = np.array([
+            max(0, -top), min(size, height - top),
+            max(0, image_cols[0] - left), min(size, image_cols[1] - left),
+        ], np.int64)
+        return {
+            "name": self.names[position],
+            "image": crop,
+            "grid_label": torch.from_numpy(grid_crop),
+            "crop_box": torch.from_numpy(crop_box),
+            "valid_box": torch.from_numpy(valid_box),
+            "flipped": torch.tensor(flipped),
+        }
 
 
 class FullImageEvalDataset(IndexedImageDataset):
