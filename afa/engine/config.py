@@ -92,7 +92,9 @@ def _check_model(cfg: DictConfig) -> None:
 
 
 def _check_method(cfg: DictConfig) -> None:
-    _choice(cfg, "method.name", ["afa"])
+    if _choice(cfg, "method.name", ["afa", "psa"]) == "psa":
+        _check_psa_method(cfg)
+        return
     cam_iters = _integer(cfg, "method.cam_iters")
     switch_iters = _integer(cfg, "method.switch_iters")
     if switch_iters < cam_iters:
@@ -185,3 +187,20 @@ def validate_config(cfg: DictConfig) -> None:
     _check_method(cfg)
     _check_train(cfg)
     _choice(cfg, "logger.name", ["wandb", "none"])
+
+
+def _check_psa_method(cfg: DictConfig) -> None:
+    _choice(cfg, "method.stage", ["all", "cam", "aff", "rw", "seg"])
+    for stage in ("cam", "aff", "seg"):
+        _integer(cfg, f"method.{stage}.max_iters", 1)
+        _integer(cfg, f"method.{stage}.batch_size", 1)
+    _number_list(cfg, "method.cam.scales")
+    _choice(cfg, "method.cam.pooling", ["gap", "gmp"])
+    _choice(cfg, "method.cam.crf", ["auto", True, False])
+    crop = _integer(cfg, "method.aff.crop_size", 8)
+    if crop % 8:
+        raise ConfigError(f"method.aff.crop_size={crop} must be a multiple of 8 (the affinity grid's stride)")
+    _integer(cfg, "method.aff.radius", 1)
+    _number(cfg, "method.aff.lr", 0.0, open_low=True)
+    _integer(cfg, "method.rw.logt", 0)
+    _number(cfg, "method.rw.beta", 0.0, open_low=True)

@@ -368,5 +368,9 @@ class AFATrainer:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Validate ``cfg``, run AFA training, and return the final summary (rank 0's view)."""
     validate_config(cfg)
+    if cfg.method.name == "psa":  # the two-stage mode: its stages, each on its own run context
+        from afa.engine.psa import run_psa
+
+        return run_psa(cfg)
     with RunContext(cfg, resume=cfg.train.resume, job="train") as run:
         return AFATrainer(cfg, run).fit()

@@ -1,0 +1,88 @@
+"""The PSA two-stage mode end to end on a tiny synthetic benchmark (CPU): stages, skip, resume."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from afa.data.readers import read_mask
+from afa.engine import psa as psa_module
+from afa.engine import stage_loop as stage_loop_module
+from afa.engine.config import ConfigError
+from afa.engine.trainer import train
+from tests.test_train import compose_config
+
+
+def psa_overrides(root: Path, run_dir: Path, **extra: object) -> list[str]:
+    values = {
+        "method": "psa", "logger": "none", "run_dir": str(run_dir), "device": "cpu",
+        "dataset.root": str(root), "dataset.num_train": 4, "dataset.num_val": 4, "dataset.num_test": 2,
+        "dataset.crop_size": 64, "train.num_workers": 0, "train.log_every": 1, "eval.num_workers": 0,
+        "eval.batch_size": 2, "optimizer.warmup_iters": 1,
+        "method.cam.max_iters": 3, "method.cam.batch_size": 2, "method.cam.scales": "[1.0,0.5]", "method.cam.crf": False,
+        "method.aff.max_iters": 3, "method.aff.batch_size": 2, "method.aff.crop_size": 64, "method.rw.logt": 3,
+        "method.seg.max_iters": 3, "method.seg.batch_size": 2,
+    }
+    values.update(extra)
+    return [f"{key}={value}" for key, value in values.items()]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    root, run_dir = tmp_path_factory.mktemp("psa-data"), tmp_path_factory.mktemp("psa-run")
+    results = train(compose_config(psa_overrides(root, run_dir)))
+    return root, run_dir, results
+
+
+def test_stages_run_in_order_and_write_their_outputs(finished):
+    _, run_dir, results = finished
+    for stage in ("cam", "aff", "rw", "seg"):
+        assert (run_dir / stage / "stage.json").is_file() and (run_dir / stage / f"{stage}.log").is_file()
+    assert 0 <= results["cam"]["cam_label_miou"] <= 1 and 0 <= results["rw"]["pseudo_label_miou"] <= 1
+    assert 0 <= results["seg"]["segmentation_miou"] <= 1
+    labels = sorted((run_dir / "rw" / "pseudo_labels").glob("*.png"))
+    grid = sorted((run_dir / "cam" / "affinity_labels").glob("*.png"))
+    assert len(labels) == len(grid) == 4
+    image_label, grid_label = read_mask(labels[0]), read_mask(grid[0])
+    assert grid_label.shape == tuple(-(-s // 8) for s in image_label.shape)
+    assert torch.load(run_dir / "aff" / "checkpoints" / "last.pt", weights_only=True)["step"] == 3
+
+
+def test_a_finished_run_is_skipped_and_a_changed_stage_reruns_alone(finished, monkeypatch):
+    root, run_dir, results = finished
+    ran = []
+    for name, runner in list(psa_module.RUNNERS.items()):
+        monkeypatch.setitem(psa_module.RUNNERS, name, lambda cfg, run, r, _n=name, _f=runner: ran.append(_n) or _f(cfg, run, r))
+    again = train(compose_config(psa_overrides(root, run_dir)))
+    assert ran == [] and again["rw"] == results["rw"]
+    train(compose_config(psa_overrides(root, run_dir, **{"method.seg.max_iters": 4})))
+    assert ran == ["seg"]
+
+
+def test_one_stage_needs_the_earlier_ones(tmp_path):
+    with pytest.raises(ConfigError, match="run method.stage=cam"):
+        train(compose_config(psa_overrides(tmp_path / "data", tmp_path / "run", **{"method.stage": "aff"})))
+
+
+def test_an_interrupted_stage_resumes(finished, tmp_path, monkeypatch):
+    root, _, _ = finished
+    run_dir = tmp_path / "run"
+    original = stage_loop_module.StageLoop.fit
+    calls = {"n": 0}
+
+    def crash_in_aff(self, extra_state=None):
+        if self.desc == "psa-aff" and calls["n"] == 0:
+            calls["n"] += 1
+            self.options = type(self.options)(**{**self.options.__dict__, "max_iters": 2})
+            original(self, extra_state)  # two iterations and their checkpoint, then the "crash"
+            raise KeyboardInterrupt
+        return original(self, extra_state)
+
+    monkeypatch.setattr(stage_loop_module.StageLoop, "fit", crash_in_aff)
+    with pytest.raises(KeyboardInterrupt):
+        train(compose_config(psa_overrides(root, run_dir)))
+    assert not (run_dir / "aff" / "stage.json").exists() and (run_dir / "cam" / "stage.json").exists()
+    train(compose_config(psa_overrides(root, run_dir)))
+    assert "psa-aff: resumed at iteration 2" in (run_dir / "aff" / "aff.log").read_text()
+    assert torch.load(run_dir / "aff" / "checkpoints" / "last.pt", weights_only=True)["step"] == 3
