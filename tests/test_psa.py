@@ -86,3 +86,24 @@ def test_an_interrupted_stage_resumes(finished, tmp_path, monkeypatch):
     train(compose_config(psa_overrides(root, run_dir)))
     assert "psa-aff: resumed at iteration 2" in (run_dir / "aff" / "aff.log").read_text()
     assert torch.load(run_dir / "aff" / "checkpoints" / "last.pt", weights_only=True)["step"] == 3
+
+
+def test_the_segmentation_checkpoint_evaluates_with_eval_py(finished, tmp_path):
+    from tests.test_eval import run_eval
+
+    import json
+
+    _, run_dir, _ = finished
+    recorded = json.loads((run_dir / "seg" / "stage.json").read_text())["results"]  # the last seg run's
+    evaluated = run_eval(run_dir / "seg" / "checkpoints" / "last.pt", tmp_path / "eval", "eval=ss")
+    assert evaluated["miou"] == pytest.approx(recorded["segmentation_miou"], abs=1e-6)
+    with pytest.raises(ConfigError, match="use target=segmentation"):
+        run_eval(run_dir / "seg" / "checkpoints" / "last.pt", tmp_path / "eval2", "target=propagated")
+
+
+def test_presets_compose():
+    voc = compose_config(["experiment=psa_voc", "dataset.root=/data/VOC2012"])
+    assert voc.method.name == "psa" and voc.model.backbone == "b1" and voc.method.train_split == "train_aug"
+    assert voc.method.cam.scales == [1.0, 0.5, 1.5, 2.0] and voc.method.aff.radius == 5
+    synthetic = compose_config(["experiment=psa_synthetic"])
+    assert synthetic.method.name == "psa" and synthetic.dataset.name == "synthetic"

@@ -253,13 +253,18 @@ class Evaluation:
         self.num_classes = len(self.class_names) - 1
         self.network = load_network(Path(cfg.ckpt), state, groups.model, self.num_classes).to(self.device)
         run.prepare_datasets(self.dataset)  # after the checks: a wrong checkpoint fails before any work
+        self.output_dir = Path(cfg.output_dir) if cfg.output_dir else run.run_dir
         method = groups.method
         self.cam_scales = tuple(float(s) for s in method.cam.scales)
+        if method.get("name") == "psa":  # the PSA mode's segmentation network (its seg stage)
+            if self.options.target != "segmentation":
+                raise ConfigError(f"target={self.options.target}: for a PSA checkpoint use target=segmentation; the "
+                                  "cam and rw stages report the CAM-label and pseudo-label mIoU (<run>/cam|rw/stage.json)")
+            return
         self.bkg_score = float(method.cam.bkg_score)
         self.propagation_bkg_score = float(method.affinity.propagation_bkg_score)
         self.radius = int(method.affinity.radius)
         self.implementation = resolve_propagation(str(method.affinity.get("propagation", "auto")), self.device)
-        self.output_dir = Path(cfg.output_dir) if cfg.output_dir else run.run_dir
 
     def _dataset(self) -> tuple[Dataset, list[str]]:
         dataset_cfg = self.groups.dataset
