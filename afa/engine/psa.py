@@ -22,6 +22,7 @@ import json
 import logging
 import shutil
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import hydra.utils
@@ -97,14 +98,20 @@ def with_masks_from(index: ImageIndex, folder: Path) -> ImageIndex:
     return dataclasses.replace(index, mask_paths=tuple(folder / f"{name}.png" for name in index.names))
 
 
-def full_image_batches(dataset: Any, cfg: DictConfig, run: RunContext) -> Any:
+def full_image_batches(dataset: Any, cfg: DictConfig, run: RunContext, desc: str) -> Iterator[dict]:
+    """Same-size batches of full images (this rank's shard), with a progress bar in images."""
     limit = cfg.method.get("max_images")
     sizes = dataset.image_sizes
     if limit is not None and limit < len(dataset):
         dataset, sizes = Subset(dataset, range(int(limit))), list(sizes)[: int(limit)]
     sampler = SameSizeBatchSampler(sizes, int(cfg.eval.batch_size), run.dist.rank, run.world_size)
-    return build_loader(dataset, batch_sampler=sampler, num_workers=int(cfg.eval.num_workers),
-                        pin_memory=run.device.type == "cuda")
+    loader = build_loader(dataset, batch_sampler=sampler, num_workers=int(cfg.eval.num_workers),
+                          pin_memory=run.device.type == "cuda")
+    total = sum(len(batch) for batch in sampler)
+    with run.progress(total, desc, log_every=max(1, total // 10), unit="img") as progress:
+        for batch in loader:
+            yield batch
+            progress.update(len(batch["name"]))
 
 
 def loop_options(node: DictConfig, cfg: DictConfig) -> StageLoopOptions:
@@ -146,8 +153,8 @@ def run_cam_stage(cfg: DictConfig, run: RunContext, root: Path) -> dict[str, Any
                               cam_label_bkg_score=float(node.eval_bkg_score))
     LOG.info("psa-cam: CAM outputs of split %s (%d images%s)", cfg.method.train_split, len(index.names),
              ", CRF-refined" if use_crf else "")
-    metrics = write_cam_stage(network, full_image_batches(FullImageEvalDataset(index), cfg, run), run.run_dir,
-                              num_classes, options, run.device)
+    batches = full_image_batches(FullImageEvalDataset(index), cfg, run, "psa-cam outputs")
+    metrics = write_cam_stage(network, batches, run.run_dir, num_classes, options, run.device)
     return {"cam_label_miou": None if metrics is None else metrics["miou"], "crf": use_crf}
 
 
@@ -194,7 +201,8 @@ def run_rw_stage(cfg: DictConfig, run: RunContext, root: Path) -> dict[str, Any]
     num_classes = len(index.class_names) - 1
     data = WithWalkScores(FullImageEvalDataset(index), root / "cam", num_classes)
     options = WalkOptions(radius=int(cfg.method.aff.radius), beta=float(node.beta), logt=int(node.logt))
-    metrics = write_walk_labels(network, full_image_batches(data, cfg, run), run.run_dir, num_classes, options, run.device)
+    metrics = write_walk_labels(network, full_image_batches(data, cfg, run, "psa-rw labels"), run.run_dir, num_classes,
+                                options, run.device)
     return {"pseudo_label_miou": None if metrics is None else metrics["miou"]}
 
 
@@ -219,7 +227,7 @@ def run_seg_stage(cfg: DictConfig, run: RunContext, root: Path) -> dict[str, Any
          "config_source": OmegaConf.to_container(cfg, resolve=False)})
     val = hydra.utils.instantiate(cfg.dataset.val, _convert_="all")
     run.prepare_datasets(val)
-    results = evaluate_afa(network, full_image_batches(val, cfg, run), num_classes, run.device,
+    results = evaluate_afa(network, full_image_batches(val, cfg, run, "psa-seg validation"), num_classes, run.device,
                            cam_scales=(1.0,), reduce_sum=run.reduce_sum_)
     return {"segmentation_miou": results["segmentation"]["miou"], "checkpoint": str(run.checkpoints.last_path)}
 
