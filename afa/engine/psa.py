@@ -38,12 +38,13 @@ from afa.data.layouts import ImageIndex
 from afa.engine.builders import build_affinity_network, build_network, build_optimizer_from_config
 from afa.engine.config import ConfigError
 from afa.engine.evaluate import with_split
-from afa.engine.evaluator import evaluate_afa
 from afa.engine.optim import poly_warmup_multiplier
+from afa.engine.predict import upsample
 from afa.engine.psa_affinity import PSEUDO_LABELS, WalkOptions, WithWalkScores, affinity_training_loss, write_walk_labels
 from afa.engine.psa_cam import AFFINITY_LABELS, PSA_CRF, CAMStageOptions, write_cam_stage
 from afa.engine.run import RunContext
 from afa.engine.stage_loop import StageLoop, StageLoopOptions
+from afa.metrics import ConfusionMatrix
 from afa.ops import multilabel_soft_margin_loss
 
 LOG = logging.getLogger("afa")
@@ -227,9 +228,14 @@ def run_seg_stage(cfg: DictConfig, run: RunContext, root: Path) -> dict[str, Any
          "config_source": OmegaConf.to_container(cfg, resolve=False)})
     val = hydra.utils.instantiate(cfg.dataset.val, _convert_="all")
     run.prepare_datasets(val)
-    results = evaluate_afa(network, full_image_batches(val, cfg, run, "psa-seg validation"), num_classes, run.device,
-                           cam_scales=(1.0,), reduce_sum=run.reduce_sum_)
-    return {"segmentation_miou": results["segmentation"]["miou"], "checkpoint": str(run.checkpoints.last_path)}
+    network.eval()
+    matrix = ConfusionMatrix(num_classes + 1, device=run.device)
+    with torch.no_grad():  # the segmentation head only: eval.py's single scale (AFA.md §10)
+        for batch in full_image_batches(val, cfg, run, "psa-seg validation"):
+            images, masks = batch["image"].to(run.device), batch["mask"].to(run.device)
+            matrix.update(upsample(network.forward_segmentation(images), tuple(masks.shape[-2:])).argmax(dim=1), masks)
+    miou = matrix.reduce_(run.reduce_sum_).compute()["miou"]
+    return {"segmentation_miou": miou, "checkpoint": str(run.checkpoints.last_path)}
 
 
 RUNNERS = {"cam": run_cam_stage, "aff": run_aff_stage, "rw": run_rw_stage, "seg": run_seg_stage}

@@ -106,11 +106,11 @@ def cam_stage_outputs(network: AFANetwork, images: Tensor, labels: Tensor, optio
 
 
 def save_walk_scores(path: Path, scores: Tensor, labels: Tensor) -> None:
-    """X of one image, (1 + C, h, w), stored for the background and its present classes (float16)."""
+    """X of one image (host tensors), (1 + C, h, w), stored for the background and its present
+    classes (float16)."""
     classes = labels.nonzero().flatten() + 1
     channels = torch.cat([classes.new_zeros(1), classes])
-    np.savez(path, classes=classes.cpu().numpy().astype(np.int16),
-             scores=scores[channels].cpu().numpy().astype(np.float16))
+    np.savez(path, classes=classes.numpy().astype(np.int16), scores=scores[channels].numpy().astype(np.float16))
 
 
 def load_walk_scores(path: Path, num_classes: int) -> Tensor:
@@ -141,7 +141,8 @@ def write_cam_stage(network: AFANetwork, batches: Iterable[dict], out_dir: Path,
             matrix.update(output.cam_label, batch["mask"].to(device))
             scored = True
         grid_labels = output.affinity_label.cpu().numpy().astype(np.uint8)
+        walk_scores, labels_host = output.walk_scores.cpu(), labels.cpu()  # one copy per batch, not per image
         for k, name in enumerate(batch["name"]):
             write_index_mask(out_dir / AFFINITY_LABELS / f"{name}.png", grid_labels[k])
-            save_walk_scores(out_dir / WALK_SCORES / f"{name}.npz", output.walk_scores[k], labels[k])
+            save_walk_scores(out_dir / WALK_SCORES / f"{name}.npz", walk_scores[k], labels_host[k])
     return matrix.compute() if scored else None

@@ -22,7 +22,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from afa.engine.builders import prepare_datasets
-from afa.engine.checkpoint import CheckpointManager, load_checkpoint, resolve_resume
+from afa.engine.checkpoint import (
+    CheckpointManager, capture_rng_state, load_checkpoint, resolve_resume, restore_rng_state,
+)
 from afa.engine.dist import DistributedContext, all_reduce_sum_, barrier, cleanup, init_distributed
 from afa.engine.log import Logger, Progress, build_logger, setup_console_logging
 
@@ -163,6 +165,25 @@ class RunContext:
         if self.is_main:
             is_best = self.checkpoints.save(step, state, metric=metric)
             LOG.info("checkpoint %s%s", self.checkpoints.last_path, " (best)" if is_best else "")
+
+    def training_state(self, network: nn.Module, optimizer: Any, scheduler: Any, sampler: Any,
+                       consumed: int) -> dict[str, Any]:
+        """What a resumable training checkpoint holds besides a loop's own keys (collective under
+        DDP: every rank's data position is gathered)."""
+        return {
+            "model": network.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "sampler": self.gather_objects(sampler.state_dict(num_consumed=consumed)), "rng": capture_rng_state(),
+        }
+
+    def restore_training(self, state: dict[str, Any], network: nn.Module, optimizer: Any, scheduler: Any,
+                         sampler: Any) -> int:
+        """Loads :meth:`training_state` back; returns the step to continue from."""
+        network.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        sampler.load_state_dict(restore_rank_state(state["sampler"], self.dist.rank))
+        restore_rng_state(state["rng"])  # last: building the network drew from the generators
+        return int(state["step"])
 
     def progress(self, total: int, desc: str, initial: int = 0, **options: Any) -> Progress:
         """A progress bar and periodic log lines, shown by rank 0 only."""

@@ -19,9 +19,8 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from afa.data import ResumableSampler, build_loader
-from afa.engine.checkpoint import capture_rng_state, restore_rng_state
 from afa.engine.evaluator import autocast_context
-from afa.engine.run import RunContext, restore_rank_state
+from afa.engine.run import RunContext
 
 LOG = logging.getLogger("afa")
 LossFunction = Callable[[nn.Module, dict], dict[str, Tensor]]
@@ -69,20 +68,12 @@ class StageLoop:
         self.model = run.wrap(network)
 
     def _restore(self, state: dict[str, Any]) -> None:
-        self.network.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.sampler.load_state_dict(restore_rank_state(state["sampler"], self.run.dist.rank))
-        restore_rng_state(state["rng"])  # last: building the network drew from the generators
-        self.step = int(state["step"])
+        self.step = self.run.restore_training(state, self.network, self.optimizer, self.scheduler, self.sampler)
         LOG.info("%s: resumed at iteration %d", self.desc, self.step)
 
     def _save(self, consumed: int, extra: dict[str, Any]) -> None:
-        samplers = self.run.gather_objects(self.sampler.state_dict(num_consumed=consumed))
-        self.run.save_checkpoint(self.step, {
-            "model": self.network.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "sampler": samplers, "rng": capture_rng_state(), **extra,
-        })
+        state = self.run.training_state(self.network, self.optimizer, self.scheduler, self.sampler, consumed)
+        self.run.save_checkpoint(self.step, {**state, **extra})
 
     def fit(self, extra_state: dict[str, Any] | None = None) -> dict[str, float]:
         """Trains to ``max_iters``; returns the mean of each logged value over the last window.
@@ -98,7 +89,7 @@ class StageLoop:
         )
         batches = iter(loader)
         progress = self.run.progress(options.max_iters, self.desc, initial=self.step)
-        window: dict[str, list[float]] = {}
+        window: dict[str, list[Tensor]] = {}
         consumed, started = 0, time.perf_counter()
         self.network.train()
         while self.step < options.max_iters:
@@ -116,11 +107,11 @@ class StageLoop:
             self.optimizer.step()
             self.scheduler.step()
             self.step += 1
-            for key, value in values.items():
-                window.setdefault(key, []).append(float(value.detach()))
+            for key, value in values.items():  # kept on the device: read back only when logged
+                window.setdefault(key, []).append(value.detach().float())
             progress.update(1)
             if options.log_every and self.step % options.log_every == 0:
-                means = {key: sum(v) / len(v) for key, v in window.items()}
+                means = _means(window)
                 self.run.experiment.log_scalars({f"{self.desc}/{k}": v for k, v in means.items()}, step=self.step)
                 LOG.info(progress.summary(**means))
                 if self.step < options.max_iters:
@@ -129,4 +120,9 @@ class StageLoop:
                 self._save(consumed, extra_state or {})
         progress.close()
         LOG.info("%s: %d iterations in %.1f s", self.desc, self.step, time.perf_counter() - started)
-        return {key: sum(v) / len(v) for key, v in window.items()}
+        return _means(window)
+
+
+def _means(window: dict[str, list[Tensor]]) -> dict[str, float]:
+    """Each logged value's mean over the window (one device-to-host copy per key)."""
+    return {key: float(torch.stack(values).mean()) for key, values in window.items() if values}

@@ -21,11 +21,10 @@ from afa import viz
 from afa.data import ResumableSampler, SameSizeBatchSampler, build_loader
 from afa.engine.afa_step import AFAOptions, afa_losses, pseudo_labels, reference_classification_cam_passes
 from afa.engine.builders import build_datasets, build_network, build_optimizer_from_config
-from afa.engine.checkpoint import capture_rng_state, restore_rng_state
 from afa.engine.config import validate_config
 from afa.engine.evaluator import autocast_context, evaluate_afa
 from afa.engine.log import NullLogger, Progress
-from afa.engine.run import RunContext, restore_rank_state
+from afa.engine.run import RunContext
 from afa.metrics import iou_table_rows
 from afa.models.network import AFANetwork
 
@@ -116,12 +115,7 @@ class AFATrainer:
         return self.run.wrap(network, self.find_unused_parameters, compile=bool(self.cfg.train.compile))
 
     def _restore(self, state: dict[str, Any]) -> None:
-        self.network.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.sampler.load_state_dict(restore_rank_state(state["sampler"], self.run.dist.rank))
-        restore_rng_state(state["rng"])  # last: building the network drew from the generators
-        self.step = int(state["step"])
+        self.step = self.run.restore_training(state, self.network, self.optimizer, self.scheduler, self.sampler)
 
     # ---------------------------------------------------------------- data
     def _train_batches(self) -> Iterator[dict]:
@@ -224,13 +218,8 @@ class AFATrainer:
 
     # ---------------------------------------------------------------- bookkeeping
     def _checkpoint_state(self, consumed: int) -> dict[str, Any]:
-        samplers = self.run.gather_objects(self.sampler.state_dict(num_consumed=consumed))  # one per rank
         return {
-            "model": self.network.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "sampler": samplers,
-            "rng": capture_rng_state(),
+            **self.run.training_state(self.network, self.optimizer, self.scheduler, self.sampler, consumed),
             "config": OmegaConf.to_container(self.cfg, resolve=True),
             # Unresolved too: eval.py's dataset.root=... then moves every path that follows it.
             "config_source": OmegaConf.to_container(self.cfg, resolve=False),
