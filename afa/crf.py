@@ -7,7 +7,7 @@ full-resolution probabilities, so a COCO image (81 classes) costs kilobytes to s
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -90,37 +90,41 @@ def _worker_init() -> None:
 
 
 class CRFPool:
-    """Runs :func:`crf_label` on worker processes while the caller keeps the device busy.
+    """Runs a per-image CRF job on worker processes while the caller keeps the device busy.
 
-    ``submit`` queues an image; ``completed`` yields finished (key, label) pairs without
+    ``submit`` queues an image; ``completed`` yields finished (key, result) pairs without
     waiting, ``drain`` waits for the rest. At most ``2 × workers`` images are in flight, so
-    memory stays bounded however long the split. ``workers=0`` runs inline.
+    memory stays bounded however long the split. ``workers=0`` runs inline. Keys stay in
+    this process; only the image, its array and the options travel.
 
     Args:
         workers: processes (0: in this process).
         options: the CRF's parameters.
+        job: ``job(image, array, options)``, a module-level function (workers import it):
+            :func:`crf_label` (fused logits → label) by default.
     """
 
-    def __init__(self, workers: int, options: CRFOptions = CRFOptions()) -> None:
+    def __init__(self, workers: int, options: CRFOptions = CRFOptions(),
+                 job: Callable[[np.ndarray, np.ndarray, CRFOptions], np.ndarray] | None = None) -> None:
         require_crf()
         from afa.data.loaders import worker_context
 
-        self.options = options
+        self.options, self.job = options, job or crf_label
         self._pending: deque[tuple[Any, Future]] = deque()
         self._limit = max(1, 2 * workers)
         self._executor = (
             ProcessPoolExecutor(workers, mp_context=worker_context(), initializer=_worker_init) if workers > 0 else None
         )
 
-    def submit(self, key: Any, image: np.ndarray, logits: np.ndarray) -> Iterator[tuple[Any, np.ndarray]]:
+    def submit(self, key: Any, image: np.ndarray, array: np.ndarray) -> Iterator[tuple[Any, np.ndarray]]:
         """Queues one image; yields the results that had to finish to make room."""
         if self._executor is None:
-            yield key, crf_label(image, logits, self.options)
+            yield key, self.job(image, array, self.options)
             return
         while len(self._pending) >= self._limit:
             done_key, future = self._pending.popleft()
             yield done_key, future.result()
-        self._pending.append((key, self._executor.submit(crf_label, image, logits, self.options)))
+        self._pending.append((key, self._executor.submit(self.job, image, array, self.options)))
 
     def completed(self) -> Iterator[tuple[Any, np.ndarray]]:
         """Finished results at the head of the queue, in submission order, without waiting."""

@@ -4,6 +4,10 @@ another, and print the final validation mIoU of each with the mean and spread pe
     python benchmarks/synthetic_runs.py --seeds 0 1 2
     python benchmarks/synthetic_runs.py --seeds 0 --variant zero "method.inactive_losses=zero" \
         --variant reference_cam "method.cam.reference_mode=true"
+    python benchmarks/synthetic_runs.py --seeds 0 1 2 --variant psa "experiment=psa_synthetic"
+
+For the PSA mode the columns read: CAM label (train), random-walk label (train),
+segmentation (val).
 
 Variant "default" (no overrides) runs unless ``--no-default``. Each run's log goes to
 ``--out``/<variant>-seed<k>.log; the table is printed and written as results.md and results.json.
@@ -23,6 +27,11 @@ RESULT_LINE = re.compile(
     r"\(classification F1 (?P<cls_f1>[\d.]+)\)"
 )
 METRICS = ("cam", "propagated", "segmentation", "cls_f1")
+# The PSA mode's line (experiment=psa_synthetic): CAM and random-walk labels on train, segmentation on val.
+PSA_RESULT_LINE = re.compile(
+    r"PSA — CAM label mIoU \(train\) (?P<cam>[\d.]+) \| random-walk label mIoU \(train\) (?P<propagated>[\d.]+) "
+    r"\| segmentation mIoU \(val\) (?P<segmentation>[\d.]+)"
+)
 
 
 def run_one(name: str, overrides: list[str], seed: int, out: Path) -> dict[str, float]:
@@ -34,10 +43,11 @@ def run_one(name: str, overrides: list[str], seed: int, out: Path) -> dict[str, 
     with log.open("w") as handle:
         code = subprocess.call(command, stdout=handle, stderr=subprocess.STDOUT)
     seconds = time.perf_counter() - start
-    match = RESULT_LINE.search(log.read_text())
+    text = log.read_text()
+    match = RESULT_LINE.search(text) or PSA_RESULT_LINE.search(text)
     if code != 0 or match is None:
         raise SystemExit(f"error: {' '.join(command)} failed (exit {code}); see {log}")
-    return {**{key: float(match[key]) for key in METRICS}, "seconds": seconds}
+    return {**{key: float(value) for key, value in match.groupdict().items()}, "seconds": seconds}
 
 
 def summarise(results: dict[str, list[dict[str, float]]]) -> str:
@@ -47,6 +57,9 @@ def summarise(results: dict[str, list[dict[str, float]]]) -> str:
     for name, runs in results.items():
         cells = []
         for key in (*METRICS, "seconds"):
+            if key not in runs[0]:  # PSA reports no classification F1
+                cells.append("-")
+                continue
             values = [run[key] / (60 if key == "seconds" else 1) for run in runs]
             mean, spread = sum(values) / len(values), (max(values) - min(values)) / 2
             digits = 1 if key == "seconds" else 3

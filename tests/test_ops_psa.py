@@ -16,6 +16,7 @@ from afa.ops import (
     confident_region_label,
     dense_pair_affinity,
     feature_affinity,
+    window_feature_affinity,
     grid_valid_mask,
     normalize_cams_by_max,
     psa_affinity_loss,
@@ -281,6 +282,22 @@ def test_feature_affinity_matches_per_pair_loop():
         for p, (i, j) in enumerate(zip(origins.tolist(), partners.tolist())):
             distance = sum(abs(float(flat[b, d, i]) - float(flat[b, d, j])) for d in range(channels)) / channels
             assert math.isclose(float(ours[b, p]), math.exp(-distance), rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("height, width, radius", [(7, 10, 3), (16, 16, 5), (9, 5, 2), (4, 4, 5), (5, 12, 5)])
+def test_window_feature_affinity_equals_the_gathered_pairs_with_gradients(height, width, radius):
+    features = torch.randn(3, 6, height, width, generator=_generator(11), requires_grad=True)
+    origins, partners = affinity_pair_indices(height, width, radius)
+    gathered = feature_affinity(features, origins, partners)
+    windowed = window_feature_affinity(features, radius)
+    assert windowed.shape == gathered.shape == (3, origins.numel())
+    torch.testing.assert_close(windowed, gathered, rtol=1e-6, atol=1e-7)  # channel means summed in another order
+    assert windowed.requires_grad  # a loss over no pairs still backpropagates
+    if origins.numel():
+        weights = torch.rand(gathered.shape, generator=_generator(12))
+        expected, = torch.autograd.grad((gathered * weights).sum(), features)
+        ours, = torch.autograd.grad((windowed * weights).sum(), features)
+        torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
 
 
 def _hand_loss(affinity, background, foreground, negative):

@@ -54,8 +54,8 @@ def test_a_finished_run_is_skipped_and_a_changed_stage_reruns_alone(finished, mo
     ran = []
     for name, runner in list(psa_module.RUNNERS.items()):
         monkeypatch.setitem(psa_module.RUNNERS, name, lambda cfg, run, r, _n=name, _f=runner: ran.append(_n) or _f(cfg, run, r))
-    again = train(compose_config(psa_overrides(root, run_dir)))
-    assert ran == [] and again["rw"] == results["rw"]
+    again = train(compose_config(psa_overrides(root, run_dir, **{"method.cam.crf_workers": 3})))
+    assert ran == [] and again["rw"] == results["rw"]  # crf_workers changes the speed, not the outputs
     train(compose_config(psa_overrides(root, run_dir, **{"method.seg.max_iters": 4})))
     assert ran == ["seg"]
 

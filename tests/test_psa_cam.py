@@ -14,11 +14,13 @@ from afa.engine.psa_cam import (
     WALK_SCORES,
     CAMStageOptions,
     cam_stage_outputs,
-    crf_refined_scores,
+    crf_jobs,
+    crf_region_label,
+    crf_score_pair,
     load_walk_scores,
     write_cam_stage,
 )
-from afa.ops import psa_multi_scale_cams, scores_with_background
+from afa.ops import confident_region_label, psa_multi_scale_cams, scores_with_background
 from afa.viz import denormalize_image
 from tests.test_train import compose_config
 
@@ -85,16 +87,38 @@ def crf_available() -> bool:
 @pytest.mark.skipif(not crf_available(), reason="pydensecrf2 not installed (pip install -r requirements-crf.txt)")
 def test_crf_scores_refine_the_present_classes_only(network):
     batch = batch_of(2, 64, 72, seed=3)
+    options = CAMStageOptions(scales=(1.0,), crf=PSA_CRF)
     cams = psa_multi_scale_cams(network.forward_cam, batch["image"], batch["labels"], (1.0,))
-    refined = crf_refined_scores(batch["image"], cams, batch["labels"], 4.0, PSA_CRF)
-    scores = scores_with_background(cams, 4.0)
     pixels = denormalize_image(batch["image"])
-    for k in range(2):
+    jobs = crf_jobs(batch["image"], cams, batch["labels"], options)
+    expected_labels = []
+    for k, job in enumerate(jobs):
         channels = torch.cat([torch.zeros(1, dtype=torch.long), batch["labels"][k].nonzero().flatten() + 1])
-        expected = dense_crf(pixels[k], scores[k, channels].numpy(), PSA_CRF)
-        np.testing.assert_allclose(refined[k, channels].numpy(), expected, atol=1e-6)
-        others = torch.ones(1 + CLASSES, dtype=torch.bool)
-        others[channels] = False
-        assert (refined[k, others] == 0).all()
-    with_crf = cam_stage_outputs(network, batch["image"], batch["labels"], CAMStageOptions(scales=(1.0,), crf=PSA_CRF))
+        assert torch.equal(job.channels, channels)
+        refined = crf_score_pair(job.pixels, job.scores, PSA_CRF)
+        full = torch.zeros(2, 1 + CLASSES, 64, 72)  # absent channels stay 0 so they never win
+        for a, alpha in enumerate((options.alpha_low, options.alpha_high)):
+            expected = dense_crf(pixels[k], scores_with_background(cams, alpha)[k, channels].numpy(), PSA_CRF)
+            np.testing.assert_allclose(refined[a], expected, atol=1e-6)
+            full[a, channels] = torch.from_numpy(expected)
+        expected_labels.append(confident_region_label(None, batch["labels"][k:k + 1], scores_low=full[:1],
+                                                      scores_high=full[1:])[0])
+        assert torch.equal(crf_region_label(job, refined, batch["labels"][k], options), expected_labels[-1])
+    with_crf = cam_stage_outputs(network, batch["image"], batch["labels"], options)
     assert with_crf.affinity_label.shape == (2, 8, 9)
+    assert torch.equal(with_crf.affinity_label, torch.stack(expected_labels))
+
+
+@pytest.mark.skipif(not crf_available(), reason="pydensecrf2 not installed (pip install -r requirements-crf.txt)")
+def test_crf_on_worker_processes_writes_what_the_inline_crf_computes(network, tmp_path):
+    batches = [batch_of(3, 64, 72, seed=4), batch_of(2, 72, 64, seed=5), batch_of(1, 64, 80, seed=6)]
+    options = CAMStageOptions(scales=(1.0, 0.5), crf=PSA_CRF)
+    pooled = write_cam_stage(network, batches, tmp_path / "pooled", CLASSES, options, torch.device("cpu"), crf_workers=2)
+    inline = write_cam_stage(network, batches, tmp_path / "inline", CLASSES, options, torch.device("cpu"))
+    assert pooled == inline
+    for batch in batches:
+        output = cam_stage_outputs(network, batch["image"], batch["labels"], options)
+        for k, name in enumerate(batch["name"]):
+            for folder in ("pooled", "inline"):
+                np.testing.assert_array_equal(read_mask(tmp_path / folder / AFFINITY_LABELS / f"{name}.png"),
+                                              output.affinity_label[k].numpy())

