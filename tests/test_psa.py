@@ -1,7 +1,12 @@
 """The PSA two-stage mode end to end on a tiny synthetic benchmark (CPU): stages, skip, resume."""
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
+
+import numpy as np
+import torch.multiprocessing as mp
 
 import pytest
 import torch
@@ -10,7 +15,10 @@ from afa.data.readers import read_mask
 from afa.engine import psa as psa_module
 from afa.engine import stage_loop as stage_loop_module
 from afa.engine.config import ConfigError
+from afa.engine import run as run_module
+from afa.engine.log import Logger
 from afa.engine.trainer import train
+from tests.test_dist import free_port
 from tests.test_train import compose_config
 
 
@@ -28,10 +36,31 @@ def psa_overrides(root: Path, run_dir: Path, **extra: object) -> list[str]:
     return [f"{key}={value}" for key, value in values.items()]
 
 
+class StageRecorder(Logger):
+    """Every scalar and picture the stages log, in order (one instance for all stage runs)."""
+
+    def __init__(self) -> None:
+        self.scalars: list[tuple[int, dict]] = []
+        self.images: list[tuple[int, dict]] = []
+
+    def log_scalars(self, scalars, step):
+        self.scalars.append((step, dict(scalars)))
+
+    def log_images(self, images, step):
+        self.images.append((step, dict(images)))
+
+
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory):
+def recorded():
+    return StageRecorder()
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, recorded):
     root, run_dir = tmp_path_factory.mktemp("psa-data"), tmp_path_factory.mktemp("psa-run")
-    results = train(compose_config(psa_overrides(root, run_dir)))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(run_module, "build_logger", lambda *args, **kwargs: recorded)
+        results = train(compose_config(psa_overrides(root, run_dir)))
     return root, run_dir, results
 
 
@@ -47,6 +76,55 @@ def test_stages_run_in_order_and_write_their_outputs(finished):
     image_label, grid_label = read_mask(labels[0]), read_mask(grid[0])
     assert grid_label.shape == tuple(-(-s // 8) for s in image_label.shape)
     assert torch.load(run_dir / "aff" / "checkpoints" / "last.pt", weights_only=True)["step"] == 3
+
+
+def test_stages_log_pictures_and_results_after_their_training_steps(finished, recorded):
+    pictures = {key: (step, value) for step, images in recorded.images for key, value in images.items()}
+    assert set(pictures) == {"psa/cam/affinity_label", "psa/rw/pseudo_label", "psa/seg/val_prediction"}
+    assert pictures["psa/cam/affinity_label"][0] == 3 and pictures["psa/rw/pseudo_label"][0] == 0
+    for _, value in pictures.values():
+        assert len(value) == 4
+        for picture, caption in value:
+            assert picture.dtype == np.uint8 and picture.ndim == 3 and picture.shape[-1] == 3 and caption
+    results = {key: step for step, scalars in recorded.scalars for key in scalars if key.startswith("psa/")}
+    assert results == {"psa/cam/cam_label_miou": 3, "psa/aff/final_loss": 3, "psa/rw/pseudo_label_miou": 0,
+                       "psa/seg/segmentation_miou": 3}  # wandb drops a step that goes back
+
+
+def test_a_corrupt_stage_record_is_a_one_line_error(finished, tmp_path):
+    root, run_dir, _ = finished
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    (copy / "cam" / "stage.json").write_text("{not json")
+    with pytest.raises(ConfigError, match=r"cam/stage.json is not a readable stage record .*delete it to run stage cam"):
+        train(compose_config(psa_overrides(root, copy)))
+
+
+def psa_rank(rank: int, port: int, root: str, run_dir: str, queue) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    queue.put((rank, train(compose_config(psa_overrides(Path(root), Path(run_dir), **{"eval.batch_size": 1})))))
+
+
+def test_two_gloo_processes_write_every_image_and_score_them_all(finished, tmp_path):
+    from afa.engine.psa import train_split_index
+    from afa.metrics import ConfusionMatrix
+
+    root, _, _ = finished
+    run_dir = tmp_path / "run"
+    queue = mp.get_context("spawn").Queue()
+    mp.start_processes(psa_rank, args=(free_port(), str(root), str(run_dir), queue), nprocs=2, join=True,
+                       start_method="spawn")
+    results = dict(queue.get(timeout=30) for _ in range(2))
+    index = train_split_index(compose_config(psa_overrides(root, run_dir)))
+    matrix = ConfusionMatrix(len(index.class_names))
+    for name, mask_path in zip(index.names, index.mask_paths):
+        assert (run_dir / "cam" / "affinity_labels" / f"{name}.png").is_file()
+        pseudo = torch.from_numpy(read_mask(run_dir / "rw" / "pseudo_labels" / f"{name}.png").astype(np.int64))
+        matrix.update(pseudo[None], torch.from_numpy(read_mask(mask_path).astype(np.int64))[None])
+    for rank in (0, 1):  # both ranks report the mIoU over all four images, not their own two
+        assert results[rank]["rw"]["pseudo_label_miou"] == pytest.approx(matrix.compute()["miou"], abs=1e-9)
+        assert results[rank]["seg"]["segmentation_miou"] == results[0]["seg"]["segmentation_miou"]
 
 
 def test_a_finished_run_is_skipped_and_a_changed_stage_reruns_alone(finished, monkeypatch):

@@ -27,15 +27,18 @@ from collections.abc import Iterator
 from typing import Any
 
 import hydra.utils
+import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Subset
 
+from afa import viz
 from afa.constants import IGNORE_INDEX
 from afa.crf import require_crf
 from afa.data import AffinityCropDataset, CropTrainDataset, FullImageEvalDataset, SameSizeBatchSampler, build_loader
 from afa.data.layouts import ImageIndex
+from afa.data.readers import read_mask
 from afa.engine.builders import build_affinity_network, build_network, build_optimizer_from_config
 from afa.engine.config import ConfigError
 from afa.engine.evaluate import with_split
@@ -72,7 +75,16 @@ def stage_fingerprint(cfg: DictConfig, stage: str, upstream: dict[str, str]) -> 
 
 def read_record(folder: Path) -> dict[str, Any] | None:
     path = folder / RECORD
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        if not isinstance(record, dict) or not isinstance(record.get("fingerprint"), str):
+            raise ValueError("no fingerprint")
+    except (ValueError, OSError) as error:  # written atomically, so only an edit or a disk fault breaks it
+        raise ConfigError(f"{path} is not a readable stage record ({error}): delete it to run stage "
+                          f"{folder.name} again") from None
+    return record
 
 
 def write_record(folder: Path, fingerprint: str, results: dict[str, Any]) -> None:
@@ -118,11 +130,11 @@ def full_image_batches(dataset: Any, cfg: DictConfig, run: RunContext, desc: str
             progress.update(len(batch["name"]))
 
 
-def loop_options(node: DictConfig, cfg: DictConfig) -> StageLoopOptions:
+def loop_options(node: DictConfig, cfg: DictConfig, find_unused_parameters: bool = False) -> StageLoopOptions:
     return StageLoopOptions(
         max_iters=int(node.max_iters), batch_size=int(node.batch_size), num_workers=int(cfg.train.num_workers),
         log_every=int(cfg.train.log_every), checkpoint_every=int(cfg.train.checkpoint_every),
-        amp=bool(cfg.train.amp), seed=int(cfg.seed),
+        amp=bool(cfg.train.amp), seed=int(cfg.seed), find_unused_parameters=find_unused_parameters,
     )
 
 
@@ -148,7 +160,8 @@ def run_cam_stage(cfg: DictConfig, run: RunContext, root: Path) -> dict[str, Any
         output = model(batch["image"].to(run.device), with_segmentation=False, with_affinity=False)
         return {"loss": multilabel_soft_margin_loss(output.class_logits, batch["labels"].to(run.device))}
 
-    StageLoop(run, network, optimizer, scheduler, crop, classification_loss, loop_options(node, cfg), desc="psa-cam").fit(
+    StageLoop(run, network, optimizer, scheduler, crop, classification_loss,
+              loop_options(node, cfg, find_unused_parameters=True), desc="psa-cam").fit(
         {"config": OmegaConf.to_container(cfg, resolve=True), "class_names": list(index.class_names)})
     use_crf = node.crf == "auto" and _crf_installed() or node.crf is True
     options = CAMStageOptions(scales=tuple(float(s) for s in node.scales), flip=bool(node.flip),
@@ -157,10 +170,15 @@ def run_cam_stage(cfg: DictConfig, run: RunContext, root: Path) -> dict[str, Any
                               cam_label_bkg_score=float(node.eval_bkg_score))
     LOG.info("psa-cam: CAM outputs of split %s (%d images%s)", cfg.method.train_split, len(index.names),
              ", CRF-refined" if use_crf else "")
-    batches = full_image_batches(FullImageEvalDataset(index), cfg, run, "psa-cam outputs")
+    images = FullImageEvalDataset(index)
     workers = node.get("crf_workers")
-    metrics = write_cam_stage(network, batches, run.run_dir, num_classes, options, run.device,
-                              crf_workers=(os.cpu_count() or 1) if workers is None else int(workers))
+    metrics = write_cam_stage(network, full_image_batches(images, cfg, run, "psa-cam outputs"), run.run_dir,
+                              num_classes, options, run.device,
+                              crf_workers=(os.cpu_count() or 1) if workers is None else int(workers),
+                              scored=images.with_masks, reduce_sum=run.reduce_sum_)
+    run.barrier()  # every rank's files are written
+    log_label_pictures(run, "psa/cam/affinity_label", images, {"affinity label (grid)": run.run_dir / AFFINITY_LABELS},
+                       final_step(cfg, "cam"))
     return {"cam_label_miou": None if metrics is None else metrics["miou"], "crf": use_crf}
 
 
@@ -205,10 +223,15 @@ def run_rw_stage(cfg: DictConfig, run: RunContext, root: Path) -> dict[str, Any]
     network.load_state_dict(state["model"])
     network = run.place(network).eval()
     num_classes = len(index.class_names) - 1
-    data = WithWalkScores(FullImageEvalDataset(index), root / "cam", num_classes)
+    images = FullImageEvalDataset(index)
+    data = WithWalkScores(images, root / "cam", num_classes)
     options = WalkOptions(radius=int(cfg.method.aff.radius), beta=float(node.beta), logt=int(node.logt))
     metrics = write_walk_labels(network, full_image_batches(data, cfg, run, "psa-rw labels"), run.run_dir, num_classes,
-                                options, run.device)
+                                options, run.device, scored=images.with_masks, reduce_sum=run.reduce_sum_)
+    run.barrier()  # every rank's files are written
+    log_label_pictures(run, "psa/rw/pseudo_label", images, {"affinity label (grid)": root / "cam" / AFFINITY_LABELS,
+                                                             "random-walk label": run.run_dir / PSEUDO_LABELS},
+                       final_step(cfg, "rw"))
     return {"pseudo_label_miou": None if metrics is None else metrics["miou"]}
 
 
@@ -228,19 +251,69 @@ def run_seg_stage(cfg: DictConfig, run: RunContext, root: Path) -> dict[str, Any
         logits = F.interpolate(logits.float(), size=masks.shape[-2:], mode="bilinear", align_corners=False)
         return {"loss": F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX)}
 
-    StageLoop(run, network, optimizer, scheduler, crop, segmentation_loss, loop_options(node, cfg), desc="psa-seg").fit(
+    StageLoop(run, network, optimizer, scheduler, crop, segmentation_loss,
+              loop_options(node, cfg, find_unused_parameters=True), desc="psa-seg").fit(
         {"config": OmegaConf.to_container(cfg, resolve=True), "class_names": list(index.class_names),
          "config_source": OmegaConf.to_container(cfg, resolve=False)})
     val = hydra.utils.instantiate(cfg.dataset.val, _convert_="all")
     run.prepare_datasets(val)
     network.eval()
     matrix = ConfusionMatrix(num_classes + 1, device=run.device)
+    pictures: list[tuple[np.ndarray, str]] = []
     with torch.no_grad():  # the segmentation head only: eval.py's single scale (AFA.md §10)
         for batch in full_image_batches(val, cfg, run, "psa-seg validation"):
             images, masks = batch["image"].to(run.device), batch["mask"].to(run.device)
-            matrix.update(upsample(network.forward_segmentation(images), tuple(masks.shape[-2:])).argmax(dim=1), masks)
+            predictions = upsample(network.forward_segmentation(images), tuple(masks.shape[-2:])).argmax(dim=1)
+            matrix.update(predictions, masks)
+            for k in range(min(len(batch["name"]), PICTURES - len(pictures))):
+                pictures.append(label_panel(batch["image"][k], batch["name"][k], {"prediction": predictions[k].cpu().numpy()},
+                                            batch["mask"][k].numpy()))
+    if run.is_main:
+        run.experiment.log_images({"psa/seg/val_prediction": pictures}, step=final_step(cfg, "seg"))
     miou = matrix.reduce_(run.reduce_sum_).compute()["miou"]
     return {"segmentation_miou": miou, "checkpoint": str(run.checkpoints.last_path)}
+
+
+# ---------------------------------------------------------------------- pictures
+PICTURES = 4  # images per stage shown in the logger
+
+
+def final_step(cfg: DictConfig, stage: str) -> int:
+    """The step of a stage's results and pictures: after its training's last logged step
+    (wandb drops a step that goes back)."""
+    return int(cfg.method[stage].get("max_iters") or 0)
+
+
+def label_panel(image: torch.Tensor, name: str, labels: dict[str, np.ndarray], mask: np.ndarray | None) -> tuple[np.ndarray, str]:
+    """One picture: the image, each label map (a coarser one repeated to the image's pixels,
+    as its cells cover them) and the ground truth when there is one."""
+    picture = viz.denormalize_image(image)
+    height, width = picture.shape[:2]
+    panels, titles = [picture], ["image"]
+    for title, label in {**labels, **({} if mask is None else {"ground truth": mask})}.items():
+        stride_y, stride_x = -(-height // label.shape[0]), -(-width // label.shape[1])  # 1, or the grid's 8
+        rows = np.minimum(np.arange(height) // stride_y, label.shape[0] - 1)
+        cols = np.minimum(np.arange(width) // stride_x, label.shape[1] - 1)
+        panels.append(viz.colorize_labels(label[rows[:, None], cols[None, :]]))
+        titles.append(title)
+    return viz.make_panel(panels, titles), name
+
+
+def log_label_pictures(run: RunContext, key: str, dataset: FullImageEvalDataset, folders: dict[str, Path],
+                       step: int) -> None:
+    """Logs the first images of a pass with the labels the stage wrote for them (main rank)."""
+    if not run.is_main:
+        return
+    pictures = []
+    for position in range(min(PICTURES, len(dataset))):
+        name = dataset.index.names[position]
+        if not all((folder / f"{name}.png").is_file() for folder in folders.values()):
+            continue  # beyond method.max_images
+        sample = dataset[position]
+        labels = {title: read_mask(folder / f"{name}.png") for title, folder in folders.items()}
+        mask = sample.get("mask")
+        pictures.append(label_panel(sample["image"], sample["name"], labels, None if mask is None else mask.numpy()))
+    run.experiment.log_images({key: pictures}, step=step)
 
 
 RUNNERS = {"cam": run_cam_stage, "aff": run_aff_stage, "rw": run_rw_stage, "seg": run_seg_stage}
@@ -279,8 +352,10 @@ def run_psa(cfg: DictConfig) -> dict[str, Any]:
         _claim(folder, fingerprint)
         with RunContext(stage_config(cfg, folder), resume="auto", job=name) as run:
             stage_results = RUNNERS[name](cfg, run, root)
+            run.barrier()  # the record says the stage is done: on every rank
             run.experiment.log_scalars({f"psa/{name}/{k}": v for k, v in stage_results.items()
-                                        if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=0)
+                                        if isinstance(v, (int, float)) and not isinstance(v, bool)},
+                                       step=final_step(cfg, name))
             if run.is_main:
                 write_record(folder, fingerprint, stage_results)
         LOG.info("psa: stage %s done: %s", name, stage_results)

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 
 from afa.data.readers import DatasetError, write_index_mask
 from afa.engine.psa_cam import WALK_SCORES, load_walk_scores
-from afa.metrics import ConfusionMatrix
+from afa.metrics import ConfusionMatrix, ReduceSum
 
 from afa.ops import (
     PSA_RADIUS,
@@ -127,23 +127,26 @@ class WithWalkScores(Dataset):
 
 
 def write_walk_labels(network: nn.Module, batches: Iterable[dict], out_dir: Path, num_classes: int,
-                      options: WalkOptions, device: torch.device) -> dict | None:
+                      options: WalkOptions, device: torch.device, scored: bool | None = None,
+                      reduce_sum: ReduceSum | None = None) -> dict | None:
     """Random-walk pseudo labels (PSA.md §5) of every image as palette PNGs in
     ``out_dir/pseudo_labels`` (readable as a dataset's masks); returns their metrics against
-    the masks when the batches carry them, else None.
+    the masks (summed over ranks by ``reduce_sum``) when ``scored`` (None: when the batches
+    carried masks, for one process), else None.
 
     Args:
         batches: samples of :class:`WithWalkScores` collated by size.
     """
     (out_dir / PSEUDO_LABELS).mkdir(parents=True, exist_ok=True)
-    matrix, scored = ConfusionMatrix(num_classes + 1, device=device), False
+    matrix, carried_masks = ConfusionMatrix(num_classes + 1, device=device), False
     network.eval()
     for batch in batches:
         labels = random_walk_labels(network, batch["image"].to(device), batch["labels"].to(device),
                                     batch["walk_scores"].to(device), options)
         if "mask" in batch:
             matrix.update(labels, batch["mask"].to(device))
-            scored = True
+            carried_masks = True
         for name, label in zip(batch["name"], labels.cpu().numpy().astype(np.uint8)):
             write_index_mask(out_dir / PSEUDO_LABELS / f"{name}.png", label)
-    return matrix.compute() if scored else None
+    scored = carried_masks if scored is None else scored  # given by the caller: the reduce is collective
+    return matrix.reduce_(reduce_sum).compute() if scored else None

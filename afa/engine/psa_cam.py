@@ -26,7 +26,7 @@ from torch import Tensor
 from afa import viz
 from afa.crf import CRFOptions, CRFPool, dense_crf
 from afa.data.readers import write_index_mask
-from afa.metrics import ConfusionMatrix
+from afa.metrics import ConfusionMatrix, ReduceSum
 from afa.models.network import AFANetwork
 from afa.ops import cam_scores_on_grid, cam_to_label, confident_region_label, psa_multi_scale_cams, scores_with_background
 
@@ -98,7 +98,7 @@ def crf_jobs(images: Tensor, cams: Tensor, labels: Tensor, options: CAMStageOpti
 def crf_score_pair(image: np.ndarray, scores: np.ndarray, options: CRFOptions) -> np.ndarray:
     """(2, K, H, W) float32 CRF marginals of the α_low and α_high scores of one image (a
     module-level function: it runs in `afa.crf.CRFPool` workers)."""
-    return np.stack([dense_crf(image, pair, options) for pair in scores])
+    return np.stack([dense_crf(image, alpha_scores, options) for alpha_scores in scores])
 
 
 def crf_region_label(job: CRFJob, refined: np.ndarray, labels: Tensor, options: CAMStageOptions) -> Tensor:
@@ -152,9 +152,11 @@ def load_walk_scores(path: Path, num_classes: int) -> Tensor:
 
 
 def write_cam_stage(network: AFANetwork, batches: Iterable[dict], out_dir: Path, num_classes: int,
-                    options: CAMStageOptions, device: torch.device, crf_workers: int = 0) -> dict | None:
+                    options: CAMStageOptions, device: torch.device, crf_workers: int = 0,
+                    scored: bool | None = None, reduce_sum: ReduceSum | None = None) -> dict | None:
     """Writes every image's affinity label and walk scores under ``out_dir``; returns the CAM
-    label's metrics (``ConfusionMatrix.compute``) when the batches carry masks, else None.
+    label's metrics (``ConfusionMatrix.compute``, summed over ranks by ``reduce_sum``) when
+    ``scored`` (None: when the batches carried masks, for one process), else None.
 
     With the CRF on, each image's CRF runs on one of ``crf_workers`` processes (0: inline)
     while the network computes the next batch's CAMs; its label is written when it returns.
@@ -164,7 +166,7 @@ def write_cam_stage(network: AFANetwork, batches: Iterable[dict], out_dir: Path,
     """
     for folder in (AFFINITY_LABELS, WALK_SCORES):
         (out_dir / folder).mkdir(parents=True, exist_ok=True)
-    matrix, scored = ConfusionMatrix(num_classes + 1, device=device), False
+    matrix, carried_masks = ConfusionMatrix(num_classes + 1, device=device), False
     pool = CRFPool(crf_workers, options.crf, job=crf_score_pair) if options.crf is not None else None
 
     def finish(key: tuple[str, CRFJob, Tensor], refined: np.ndarray) -> None:
@@ -180,7 +182,7 @@ def write_cam_stage(network: AFANetwork, batches: Iterable[dict], out_dir: Path,
                 cams = psa_multi_scale_cams(network.forward_cam, images, labels, options.scales, options.flip)
                 if "mask" in batch:
                     matrix.update(cam_to_label(cams, labels, options.cam_label_bkg_score), batch["mask"].to(device))
-                    scored = True
+                    carried_masks = True
                 walk_scores, labels_host = cam_scores_on_grid(cams, options.alpha_walk).cpu(), labels.cpu()
                 if pool is None:
                     grid_labels = confident_region_label(cams, labels, options.alpha_low, options.alpha_high)
@@ -200,4 +202,5 @@ def write_cam_stage(network: AFANetwork, batches: Iterable[dict], out_dir: Path,
     finally:
         if pool is not None:
             pool.close()
-    return matrix.compute() if scored else None
+    scored = carried_masks if scored is None else scored  # given by the caller: the reduce is collective
+    return matrix.reduce_(reduce_sum).compute() if scored else None

@@ -41,6 +41,7 @@ class StageLoopOptions:
     checkpoint_every: int = 0  # 0: at the end only
     amp: bool = False
     seed: int = 0
+    find_unused_parameters: bool = False  # DDP: a network part the loss leaves out (the classifier stage's decoder)
 
 
 class StageLoop:
@@ -65,7 +66,7 @@ class StageLoop:
         self.step = 0
         if run.resumed is not None:
             self._restore(run.resumed)
-        self.model = run.wrap(network)
+        self.model = run.wrap(network, options.find_unused_parameters)
 
     def _restore(self, state: dict[str, Any]) -> None:
         self.step = self.run.restore_training(state, self.network, self.optimizer, self.scheduler, self.sampler)
