@@ -32,7 +32,7 @@ def test_every_variant_shapes_and_strides(variant):
         (1, config.embed_dims[3], 4, 6),  # AFA strides (4, 2, 2, 1): stage 4 stays at 1/16
     ]
     assert encoder.output_stride == 16
-    assert attention.shape == (1, 2 * config.num_heads[-1], 24, 24)
+    assert attention.logits().shape == (1, 2 * config.num_heads[-1], 24, 24)
 
 
 def test_segformer_strides_configurable():
@@ -57,9 +57,9 @@ def test_attention_logits_only_for_last_two_blocks(monkeypatch):
         for index, block in enumerate(getattr(encoder, f"block{stage}")):
             original = block.attn.forward
 
-            def spy(x, h, w, logits_images=0, _orig=original, _name=(stage, index)):
-                requested.append((_name, logits_images))
-                return _orig(x, h, w, logits_images)
+            def spy(x, h, w, attention_images=0, _orig=original, _name=(stage, index)):
+                requested.append((_name, attention_images))
+                return _orig(x, h, w, attention_images)
 
             monkeypatch.setattr(block.attn, "forward", spy)
     with torch.no_grad():
@@ -75,7 +75,7 @@ def test_attention_for_leading_images_only_matches_full():
         feats_all, attn_all = encoder(images, attention_images=3)
         feats_one, attn_one = encoder(images, attention_images=1)
         feats_none, _ = encoder(images)
-    torch.testing.assert_close(attn_one, attn_all[:1])
+    torch.testing.assert_close(attn_one.logits(), attn_all.logits()[:1])
     for a, b, c in zip(feats_all, feats_one, feats_none):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5)
@@ -101,7 +101,7 @@ def _assert_features_match(reference, encoder, images):
         feats, attn = encoder(images, attention_images=images.shape[0])
     for a, b in zip(ref_feats, feats):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(attn, torch.cat(ref_attn[-2:], 1), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(attn.logits(), torch.cat(ref_attn[-2:], 1), atol=1e-4, rtol=1e-4)
 
 
 def test_segformer_layout_loads_strictly_and_reproduces(tmp_path):
@@ -491,3 +491,24 @@ def test_decoder_norm_layer_is_a_type_the_engine_can_convert():
     assert isinstance(network.decoder.linear_fuse.bn, torch.nn.BatchNorm2d)
     converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(network)
     assert isinstance(converted.decoder.linear_fuse.bn, torch.nn.SyncBatchNorm)
+
+
+def test_affinity_from_factors_equals_mixing_the_logit_maps():
+    # AFA.md §2 literally: the 16 logit maps, symmetrised, a 1×1 conv, sigmoid; forward and gradients.
+    from afa.models.heads import AttentionAffinity
+    from afa.models.mit import AttentionFactors
+
+    torch.manual_seed(0)
+    head = AttentionAffinity(16)
+    queries = (0.3 * torch.randn(2, 16, 49, 8)).requires_grad_()
+    keys = (0.3 * torch.randn(2, 16, 49, 8)).requires_grad_()
+    affinity = head(AttentionFactors(queries, keys))
+    logits = queries @ keys.transpose(-2, -1)
+    conv = torch.nn.functional.conv2d(logits + logits.transpose(-2, -1), head.weight, head.bias)
+    expected = torch.sigmoid(conv)[:, 0]
+    torch.testing.assert_close(affinity, expected, atol=1e-6, rtol=1e-5)
+    weights = torch.rand_like(expected)
+    grads = torch.autograd.grad((affinity * weights).sum(), (queries, keys, head.weight, head.bias))
+    expected_grads = torch.autograd.grad((expected * weights).sum(), (queries, keys, head.weight, head.bias))
+    for grad, reference in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, reference, atol=1e-5, rtol=1e-4)

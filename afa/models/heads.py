@@ -7,12 +7,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from afa.models.mit import AttentionFactors
+
 
 class AttentionAffinity(nn.Module):
     """Affinity from attention: sigmoid(1×1 conv over the symmetrised logit maps), AFA.md §2.
 
-    The 1×1 conv is linear, so ``w·(A + Aᵀ) + b = (w·A) + (w·A)ᵀ + b``: the maps are mixed
-    first and symmetrised once, which never builds the (B, 16, N, N) transposed copy.
+    The 1×1 conv is linear, so ``w·(A + Aᵀ) + b = (w·A) + (w·A)ᵀ + b``, and each map is
+    ``A_m = q_m k_mᵀ``, so ``w·A = [w_1 q_1, …, w_M q_M] [k_1, …, k_M]ᵀ``: one (N, M·d)
+    by (M·d, N) product gives the mixed map, and neither the M logit maps nor their
+    transposes are ever built (nor kept for the backward).
 
     Args:
         in_channels: number of attention maps (16 for AFA: 2 blocks × 8 heads).
@@ -28,10 +32,15 @@ class AttentionAffinity(nn.Module):
         bound = 1 / math.sqrt(in_channels)  # nn.Conv2d's default bias init
         nn.init.uniform_(self.bias, -bound, bound)
 
-    def forward(self, attention_logits: Tensor) -> Tensor:
-        """attention_logits: (B, M, N, N) -> affinity P (B, N, N) in (0, 1), symmetric."""
-        weight = self.weight.flatten().to(attention_logits.dtype)
-        mixed = torch.einsum("bmij,m->bij", attention_logits, weight)
+    def forward(self, attention: AttentionFactors) -> Tensor:
+        """attention: queries and keys (B, M, N, d) of the M maps -> affinity P (B, N, N) in (0, 1), symmetric."""
+        queries, keys = attention
+        batch, maps, nodes, _ = queries.shape
+        weighted = queries * self.weight.view(1, maps, 1, 1).to(queries.dtype)
+        # (B, M, N, d) -> (B, N, M·d): the maps' sum becomes the product's inner dimension.
+        weighted = weighted.transpose(1, 2).reshape(batch, nodes, -1)
+        stacked_keys = keys.transpose(1, 2).reshape(batch, keys.shape[2], -1)
+        mixed = weighted @ stacked_keys.transpose(1, 2)  # (B, N, N)
         symmetric = mixed + mixed.transpose(1, 2) + self.bias.to(mixed.dtype)
         return torch.sigmoid(symmetric.float())
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,18 @@ from afa.compat import import_timm
 
 import_timm()
 from timm.layers import DropPath, trunc_normal_  # noqa: E402  (after the torchvision patch)
+
+
+class AttentionFactors(NamedTuple):
+    """The attention of the last blocks as queries and keys: the logit maps ``q kᵀ`` are
+    (n, M, N, N), so consumers that mix them linearly (AFA's affinity) never form them."""
+
+    queries: Tensor  # (n, M, N, d_head), M = blocks × heads
+    keys: Tensor  # (n, M, N, d_head)
+
+    def logits(self) -> Tensor:
+        """The unscaled, pre-softmax attention logits q kᵀ: (n, M, N, N)."""
+        return self.queries @ self.keys.transpose(-2, -1)
 
 
 @dataclass(frozen=True)
@@ -85,7 +97,6 @@ class EfficientSelfAttention(nn.Module):
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
-        self.scale = (dim // num_heads) ** -0.5
         self.q = nn.Linear(dim, dim, bias=True)
         self.kv = nn.Linear(dim, 2 * dim, bias=True)
         self.proj = nn.Linear(dim, dim)
@@ -105,37 +116,27 @@ class EfficientSelfAttention(nn.Module):
         return keys, values
 
     def forward(
-        self, x: Tensor, height: int, width: int, logits_images: int = 0
-    ) -> tuple[Tensor, Tensor | None]:
-        """Attend; optionally return pre-softmax logits.
+        self, x: Tensor, height: int, width: int, attention_images: int = 0
+    ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        """Attend with the fused kernel (no N×M map is kept); optionally return q and k.
 
         Args:
             x: tokens (B, N, D), N = height * width.
-            logits_images: return the unscaled logits ``q kᵀ`` of the first this-many
-                images; the rest go through the fused kernel, which keeps no N×M map.
+            attention_images: also return the queries and keys of the first this-many
+                images, whose product ``q kᵀ`` are the attention logits.
 
         Returns:
-            tokens (B, N, D) and logits (logits_images, heads, N, M) or None.
+            tokens (B, N, D) and (queries (n, heads, N, d_head), keys (n, heads, M, d_head)) or None.
         """
         batch, num_tokens, dim = x.shape
         # (B, N, D) -> (B, heads, N, d_head)
         queries = self.q(x).reshape(batch, num_tokens, self.num_heads, -1).transpose(1, 2)
         keys, values = self._keys_values(x, height, width)
-        logits = None
-        if logits_images > 0:
-            logits = queries[:logits_images] @ keys[:logits_images].transpose(-2, -1)
-            weights = (logits * self.scale).float().softmax(dim=-1).to(values.dtype)
-            attended = weights @ values[:logits_images]
-            if logits_images < batch:
-                rest = F.scaled_dot_product_attention(
-                    queries[logits_images:], keys[logits_images:], values[logits_images:]
-                )
-                attended = torch.cat([attended, rest], dim=0)
-        else:
-            attended = F.scaled_dot_product_attention(queries, keys, values)
+        attended = F.scaled_dot_product_attention(queries, keys, values)  # scaled by d_head^-½ (SDPA's default)
         # (B, heads, N, d_head) -> (B, N, D)
         attended = attended.transpose(1, 2).reshape(batch, num_tokens, dim)
-        return self.proj(attended), logits
+        factors = (queries[:attention_images], keys[:attention_images]) if attention_images > 0 else None
+        return self.proj(attended), factors
 
 
 class DepthwiseConv(nn.Module):
@@ -178,12 +179,12 @@ class MiTBlock(nn.Module):
         self.mlp = MixFFN(dim, dim * mlp_ratio)
 
     def forward(
-        self, x: Tensor, height: int, width: int, logits_images: int = 0
-    ) -> tuple[Tensor, Tensor | None]:
-        attended, logits = self.attn(self.norm1(x), height, width, logits_images)
+        self, x: Tensor, height: int, width: int, attention_images: int = 0
+    ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        attended, factors = self.attn(self.norm1(x), height, width, attention_images)
         x = x + self.drop_path(attended)
         x = x + self.drop_path(self.mlp(self.norm2(x), height, width))
-        return x, logits
+        return x, factors
 
 
 class MixTransformer(nn.Module):
@@ -247,20 +248,22 @@ class MixTransformer(nn.Module):
     def stages(self) -> list[tuple[nn.Module, nn.ModuleList, nn.Module]]:
         return [(getattr(self, f"patch_embed{i}"), getattr(self, f"block{i}"), getattr(self, f"norm{i}")) for i in range(1, 5)]
 
-    def forward(self, images: Tensor, attention_images: int = 0) -> tuple[list[Tensor], Tensor | None]:
+    def forward(self, images: Tensor, attention_images: int = 0) -> tuple[list[Tensor], AttentionFactors | None]:
         """Encode images.
 
         Args:
             images: (B, 3, H, W) normalised.
-            attention_images: return attention logits for the first this-many images (0: none).
+            attention_images: return the attention of the first this-many images (0: none).
 
         Returns:
             features: four maps (B, D_i, H/s_i, W/s_i), s = cumulative strides.
-            attention: (attention_images, attention_blocks * heads, N, N) pre-softmax,
-                unscaled logits ``q kᵀ`` of the last blocks, N = tokens of the last stage; or None.
+            attention: the last blocks' queries and keys (`AttentionFactors`, their product
+                the pre-softmax logits ``q kᵀ``, M = attention_blocks * heads maps over the
+                N tokens of the last stage), or None.
         """
         features: list[Tensor] = []
-        logits: list[Tensor] = []
+        queries: list[Tensor] = []
+        keys: list[Tensor] = []
         x = images
         num_blocks = sum(len(blocks) for _, blocks, _ in self.stages())
         block_index = 0
@@ -269,14 +272,17 @@ class MixTransformer(nn.Module):
             for block in blocks:
                 block_index += 1
                 wanted = attention_images if block_index > num_blocks - self.attention_blocks else 0
-                tokens, block_logits = block(tokens, height, width, wanted)
-                if block_logits is not None:
-                    logits.append(block_logits)
+                tokens, factors = block(tokens, height, width, wanted)
+                if factors is not None:
+                    queries.append(factors[0])
+                    keys.append(factors[1])
             tokens = norm(tokens)
             # (B, h*w, D) -> (B, D, h, w)
             x = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, height, width)
             features.append(x)
-        return features, (torch.cat(logits, dim=1) if logits else None)
+        if not queries:
+            return features, None
+        return features, AttentionFactors(torch.cat(queries, dim=1), torch.cat(keys, dim=1))
 
 
 def _init_weights(module: nn.Module) -> None:
