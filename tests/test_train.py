@@ -93,7 +93,7 @@ def test_end_to_end_run(synthetic_root, tmp_path, recorder):
     assert set(recorder.scalars[1]) >= {"train/loss", "train/cls_loss", "train/lr"}
     # The reference's boundaries (0-based i): classification while i <= cam_iters (2), so i = 2 too.
     assert "train/seg_loss" not in recorder.scalars[3] and "train/seg_loss" in recorder.scalars[4]
-    assert {"train/seg_loss", "train/aff_loss", "train/positive_pairs", "time/labels"} <= set(recorder.scalars[5])
+    assert {"train/seg_loss", "train/aff_loss", "train/positive_pairs", "time/cam", "time/par"} <= set(recorder.scalars[5])
     assert {"val/cam_miou", "val/propagated_miou", "val/segmentation_miou", "val/cls_f1"} <= set(recorder.scalars[6])
     pictures = recorder.images[3]
     assert {"train/input", "train/cam", "train/refined_label", "train/propagated_label",

@@ -5,6 +5,7 @@ tensors only (no config reads, no logging).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -133,7 +134,7 @@ def reference_classification_cam_passes(network: AFANetwork, images: Tensor, opt
 
 def pseudo_labels(
     network: AFANetwork, images: Tensor, labels: Tensor, boxes: Tensor, options: AFAOptions, *,
-    propagate: bool, max_classes: int | None = None,
+    propagate: bool, max_classes: int | None = None, mark: Callable[[str], None] | None = None,
 ) -> dict[str, Tensor]:
     """Multi-scale CAM (§3) → PAR label (§5) → propagated label (§7, if ``propagate``); no gradients.
 
@@ -143,12 +144,14 @@ def pseudo_labels(
         propagate: also compute the propagated label (needs the affinity of the CAM pass).
         max_classes: most foreground classes in any image (read on the CPU) so PAR refines
             1 + that many channels instead of all.
+        mark: called with "cam", "par" and "propagation" as each part ends (a phase timer).
 
     Returns:
         ``cams`` (B, C, H, W); ``refined`` (B, H, W) long; ``propagated`` (B, H, W) if asked.
     """
     par = dict(dilations=options.par.dilations, num_iterations=options.par.num_iterations,
                w1=options.par.w1, w2=options.par.w2)
+    mark = mark or (lambda phase: None)
     with torch.no_grad():
         if options.cam_reference_mode:
             cams, affinity = multi_scale_cam(_reference_cam_pass(network), images, options.cam_scales, with_affinity=propagate)
@@ -159,9 +162,11 @@ def pseudo_labels(
                 cams, affinity = multi_scale_cam(network.forward_cam, images, options.cam_scales, with_affinity=propagate)
             finally:
                 network.train()
+        mark("cam")
         refined = refine_cams_with_par(
             images, cams, labels, boxes, (options.high_thre, options.low_thre), max_classes_per_image=max_classes, **par
         )
+        mark("par")
         result = {"cams": cams, "refined": refined}
         if propagate:
             result["propagated"] = propagate_cams_with_affinity(
@@ -169,6 +174,7 @@ def pseudo_labels(
                 implementation=resolve_propagation(options.propagation, images.device),
                 radius=options.radius, max_classes_per_image=max_classes, **par,
             )
+            mark("propagation")
     return result
 
 

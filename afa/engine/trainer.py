@@ -158,27 +158,33 @@ class AFATrainer:
         affinity_source = options.affinity_source(self.step)
         pseudo = None
         with autocast_context(self.device, self.amp):
+            mark = self.timer.mark
             if phase == "classification":
                 full = options.inactive_losses == "zero"
                 output = self.model(images, with_segmentation=full, with_affinity=full)
+                mark("forward")
                 if options.cam_reference_mode:
                     reference_classification_cam_passes(self.network, images, options)
+                    mark("cam")
             else:
                 propagate = phase == "propagated_label" or affinity_source == "propagated"
                 if options.cam_reference_mode:  # the reference's order: training forward, then CAM passes
                     output = self.model(images)
-                    pseudo = pseudo_labels(self.network, images, labels, boxes, options, propagate=propagate, max_classes=max_classes)
+                    mark("forward")
+                    pseudo = pseudo_labels(self.network, images, labels, boxes, options, propagate=propagate,
+                                           max_classes=max_classes, mark=mark)
                 else:
-                    pseudo = pseudo_labels(self.network, images, labels, boxes, options, propagate=propagate, max_classes=max_classes)
+                    pseudo = pseudo_labels(self.network, images, labels, boxes, options, propagate=propagate,
+                                           max_classes=max_classes, mark=mark)
                     output = self.model(images)
-                self.timer.mark("labels")
+                    mark("forward")
             losses, counts = afa_losses(
                 output, labels, pseudo, phase, options, self.network.affinity_grid(*images.shape[-2:]), affinity_source
             )
         self._check_finite(losses, batch["name"])
         self.optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
-        self.timer.mark("forward_backward")
+        mark("losses_backward")
         self.optimizer.step()
         self.scheduler.step()
         self.timer.mark("optimizer")
