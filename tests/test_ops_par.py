@@ -132,3 +132,12 @@ def test_too_small_class_bound_is_reported():
     with pytest.raises(RuntimeError, match="max_classes_per_image"):
         refine_cams_with_par(images, torch.rand(1, 3, 8, 8), labels, torch.tensor([[0, 8, 0, 8]]),
                              max_classes_per_image=1)
+
+
+def test_zero_iterations_is_par_off():
+    # method.par.num_iterations=0 (the w/o-PAR ablation): the masks as resized, no refinement.
+    generator = torch.Generator().manual_seed(3)
+    images = torch.rand(2, 3, 12, 10, generator=generator)
+    masks = torch.rand(2, 4, 6, 5, generator=generator)
+    expected = F.interpolate(masks, size=(12, 10), mode="bilinear", align_corners=True)
+    torch.testing.assert_close(pixel_adaptive_refinement(images, masks, num_iterations=0), expected)

@@ -108,7 +108,7 @@ def _check_method(cfg: DictConfig) -> None:
     dilations = _number_list(cfg, "method.par.dilations")
     if any(d != int(d) for d in dilations):
         raise ConfigError(f"method.par.dilations must be positive integers, got {dilations}")
-    _integer(cfg, "method.par.num_iterations", 1)
+    _integer(cfg, "method.par.num_iterations", 0)  # 0: PAR off (the w/o-PAR ablation)
     _number(cfg, "method.par.w1", 0.0, open_low=True)
     _number(cfg, "method.par.w2", 0.0)
     _integer(cfg, "method.affinity.radius", 1)

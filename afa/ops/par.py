@@ -182,7 +182,7 @@ def pixel_adaptive_refinement(
         images: (B, 3, h, w).
         masks: (B, K', h', w'), resized to (h, w) bilinear with align_corners=True.
         dilations: neighbour rings (8 neighbours each).
-        num_iterations: refinement steps.
+        num_iterations: refinement steps (0: the masks as resized, unrefined).
         w1: appearance and position temperature.
         w2: weight of the position kernel.
         extents: (B, 2) int64 valid (height, width) of each image at its top-left corner:
@@ -197,11 +197,12 @@ def pixel_adaptive_refinement(
         masks = masks.float()
         if masks.shape[-2:] != images.shape[-2:]:
             masks = F.interpolate(masks, size=(height, width), mode="bilinear", align_corners=True)
-        operator = _par_operator(images.float(), tuple(dilations), w1, w2, extents)
         channels = masks.shape[1]
         state = masks.permute(0, 2, 3, 1).reshape(batch * height * width, channels)  # channels-last rows
-        for _ in range(num_iterations):
-            state = operator @ state
+        if num_iterations > 0:  # 0: no refinement (the w/o-PAR ablation), no kernel built
+            operator = _par_operator(images.float(), tuple(dilations), w1, w2, extents)
+            for _ in range(num_iterations):
+                state = operator @ state
     return state.view(batch, height, width, channels).permute(0, 3, 1, 2).contiguous()
 
 
