@@ -1,5 +1,5 @@
-"""`eval.py`: a checkpoint's segmentation, CAM or propagated labels on a split or on any
-images, with the reference's test protocol (AFA.md §10), metrics and outputs.
+"""`eval.py`: a checkpoint's segmentation, CAM, PAR or propagated labels on a split or on
+any images, with the reference's test protocol (AFA.md §10), metrics and outputs.
 
 Batches of same-size images stream through one prediction function per target, then
 through sinks that each do one thing (confusion matrix, mask PNGs, VOC server layout,
@@ -31,7 +31,7 @@ from afa.crf import CRFOptions, CRFPool, require_crf
 from afa.data import SameSizeBatchSampler, build_loader, voc_palette
 from afa.data.classes import COCO_CLASSES, VOC_CLASSES
 from afa.data.images import ImageListDataset
-from afa.engine.afa_step import resolve_propagation
+from afa.engine.afa_step import PAROptions, resolve_propagation
 from afa.engine.builders import build_dataset, build_network
 from afa.engine.checkpoint import load_checkpoint
 from afa.engine.config import ConfigError
@@ -44,7 +44,7 @@ from afa.models.weights import CheckpointError, afa_reference_filter_fn, load_st
 
 LOG = logging.getLogger("afa")
 SAVE_KINDS = ("masks", "overlays", "server")
-TARGETS = ("segmentation", "cam", "propagated")
+TARGETS = ("segmentation", "cam", "par", "propagated")
 SERVER_FOLDER = Path("results/VOC2012/Segmentation/comp6_test_cls")
 
 
@@ -262,6 +262,8 @@ class Evaluation:
                                   "cam and rw stages report the CAM-label and pseudo-label mIoU (<run>/cam|rw/stage.json)")
             return
         self.bkg_score = float(method.cam.bkg_score)
+        par = method.par  # target=par: the PAR label of AFA.md §5 with both thresholds at bkg_score
+        self.par = PAROptions(tuple(int(d) for d in par.dilations), int(par.num_iterations), float(par.w1), float(par.w2))
         self.propagation_bkg_score = float(method.affinity.propagation_bkg_score)
         self.radius = int(method.affinity.radius)
         self.implementation = resolve_propagation(str(method.affinity.get("propagation", "auto")), self.device)
@@ -300,10 +302,11 @@ class Evaluation:
                 if self.options.crf is not None:
                     return logits, None
                 return None, upsample(logits, size).argmax(dim=1)
+            max_classes = int(batch["labels"].sum(dim=1).max())  # CPU tensor: no device sync
             labels = batch["labels"].to(self.device, non_blocking=True)
             return None, target_label(
                 self.network, images, labels, size, self.options.target, self.cam_scales, self.bkg_score,
-                self.propagation_bkg_score, self.radius, self.implementation,
+                self.propagation_bkg_score, self.radius, self.implementation, self.par, max_classes,
             )
 
     def run_loop(self) -> dict[str, Any]:
@@ -369,7 +372,7 @@ class Evaluation:
 
     def _protocol_used(self) -> dict[str, Any]:
         """The scales that made the labels: the test protocol's for the segmentation head; the
-        training CAM scales (method.cam.scales, no flip, no resize) for the CAM and propagated labels."""
+        training CAM scales (method.cam.scales, no flip, no resize) for the CAM, PAR and propagated labels."""
         if self.options.target == "segmentation":
             protocol = self.options.protocol
             return {"scales": list(protocol.scales), "flip": protocol.flip, "resize_long": protocol.resize_long}

@@ -1,4 +1,5 @@
-"""Predictions of a trained AFA network for evaluation: one function per target (AFA.md §10).
+"""Predictions of a trained AFA network for evaluation: one function per target (AFA.md §10;
+the PAR label of §5 as a fourth).
 
 All take a batch of same-size images on the device and return device tensors; nothing
 here reads files or talks to other processes.
@@ -13,10 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from afa.engine.afa_step import PAROptions
 from afa.models.network import AFANetwork
-from afa.ops import cam_to_label, multi_scale_cam, propagate_cams_with_affinity
+from afa.ops import cam_to_label, multi_scale_cam, propagate_cams_with_affinity, refine_cams_with_par
 
-Target = Literal["segmentation", "cam", "propagated"]
+Target = Literal["segmentation", "cam", "propagated", "par"]
 
 
 @dataclass(frozen=True)
@@ -114,12 +116,36 @@ def propagate_label(network: AFANetwork, images: Tensor, cams: Tensor, labels: T
 
 
 @torch.no_grad()
+def par_label(images: Tensor, cams: Tensor, labels: Tensor, bkg_score: float, par: PAROptions,
+              max_classes: int | None = None) -> Tensor:
+    """The PAR-refined CAM label (AFA.md §5) with both thresholds at ``bkg_score``: no ignored
+    pixels, so it is scored like the CAM label; valid box = the whole image. (B, H_out, W_out) int64.
+
+    Args:
+        images: (B, 3, H, W) normalised (PAR's kernel is invariant to the normalisation).
+        cams: (B, C, H_out, W_out) from :func:`label_size_cams`.
+        max_classes: most foreground classes in any image of the batch (read on the CPU), or None.
+    """
+    batch, _, height, width = cams.shape
+    boxes = torch.tensor([0, height, 0, width], device=cams.device).expand(batch, 4)
+    return refine_cams_with_par(
+        images, cams, labels, boxes, (bkg_score, bkg_score), dilations=par.dilations,
+        num_iterations=par.num_iterations, w1=par.w1, w2=par.w2, max_classes_per_image=max_classes,
+    )
+
+
+@torch.no_grad()
 def target_label(network: AFANetwork, images: Tensor, labels: Tensor, output_size: tuple[int, int], target: Target,
                  cam_scales: Sequence[float], bkg_score: float, propagation_bkg_score: float, radius: int,
-                 implementation: str) -> Tensor:
-    """The CAM label (AFA.md §4) or the propagated label (§10) of images with known image labels."""
+                 implementation: str, par: PAROptions | None = None, max_classes: int | None = None) -> Tensor:
+    """The CAM label (AFA.md §4), the PAR label (§5, see :func:`par_label`; needs ``par``) or
+    the propagated label (§10) of images with known image labels."""
     cams = label_size_cams(network, images, output_size, cam_scales)
     if target == "cam":
         return cam_to_label(cams, labels, bkg_score)
+    if target == "par":
+        if par is None:
+            raise ValueError("target='par' needs the PAR options (par=PAROptions(...))")
+        return par_label(images, cams, labels, bkg_score, par, max_classes)
     affinity = network(images, with_segmentation=False, with_affinity=True).affinity
     return propagate_label(network, images, cams, labels, affinity, propagation_bkg_score, radius, implementation)
