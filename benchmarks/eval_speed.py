@@ -64,25 +64,8 @@ def main() -> None:
     parser.add_argument("--amp", action="store_true", help="bf16 autocast (GPU)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "eval_speed.json")
     args = parser.parse_args()
-    split_file = args.split_file or args.root / "ImageSets" / "Segmentation" / "all.txt"
-    labels_file = args.labels_file or args.root / "cls_labels.json"
-    for path in (args.root, split_file, labels_file):
-        if not path.exists():
-            sys.exit(f"error: {path} does not exist: pass --root/--split-file/--labels-file of a VOC-layout folder")
-
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt = Path(tmp) / f"random_{args.model}.pt"
-        write_checkpoint(ckpt, args.root, split_file, labels_file, args.model)
-        for preset in args.presets:
-            cfg = compose_config("eval", [
-                f"ckpt={ckpt}", f"eval={preset}", f"max_images={args.max_images}", f"batch_size={args.batch_size}",
-                f"device={args.device}", f"amp={str(args.amp).lower()}", f"run_dir={Path(tmp) / preset}",
-            ])
-            results = evaluate(cfg, {})
-            rate = results["images_per_second"]
-            rows.append({"preset": preset, "images": results["num_images"], "seconds": results["seconds"],
-                         "images_per_second": rate, **{name: count / rate for name, count in SPLITS.items()}})
+    rows = measure_presets(args.root, args.model, args.presets, args.max_images, args.batch_size, args.device,
+                           args.amp, args.split_file, args.labels_file)
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     environment = {
@@ -92,13 +75,43 @@ def main() -> None:
     }
     print(f"{environment['device']}, torch {environment['torch']}, {args.model}, batch {args.batch_size}"
           f"{', bf16' if args.amp else ''}; resize long side 512 (the reference's test)")
+    print_table(rows)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"environment": environment, "rows": rows}, indent=2))
+
+
+def measure_presets(
+    root: Path, model: str, presets: list[str], max_images: int, batch_size: int, device: str, amp: bool,
+    split_file: Path | None = None, labels_file: Path | None = None,
+) -> list[dict]:
+    """Images/s of each preset on ``max_images`` photos of a VOC-layout ``root``, by ``evaluate()``."""
+    split_file = split_file or root / "ImageSets" / "Segmentation" / "all.txt"
+    labels_file = labels_file or root / "cls_labels.json"
+    for path in (root, split_file, labels_file):
+        if not path.exists():
+            sys.exit(f"error: {path} does not exist: pass --root/--split-file/--labels-file of a VOC-layout folder")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Path(tmp) / f"random_{model}.pt"
+        write_checkpoint(ckpt, root, split_file, labels_file, model)
+        for preset in presets:
+            cfg = compose_config("eval", [
+                f"ckpt={ckpt}", f"eval={preset}", f"max_images={max_images}", f"batch_size={batch_size}",
+                f"device={device}", f"amp={str(amp).lower()}", f"run_dir={Path(tmp) / preset}",
+            ])
+            results = evaluate(cfg, {})
+            rate = results["images_per_second"]
+            rows.append({"preset": preset, "images": results["num_images"], "seconds": results["seconds"],
+                         "images_per_second": rate, **{name: count / rate for name, count in SPLITS.items()}})
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
     print("| preset | images | images/s | VOC val (1,449) | COCO val (40,137) |")
     print("|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['preset']} | {row['images']} | {row['images_per_second']:.2f} | "
               f"{_duration(row['VOC val'])} | {_duration(row['COCO val'])} |")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"environment": environment, "rows": rows}, indent=2))
 
 
 def _duration(seconds: float) -> str:

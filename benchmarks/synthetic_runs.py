@@ -43,11 +43,22 @@ def run_one(name: str, overrides: list[str], seed: int, out: Path) -> dict[str, 
     with log.open("w") as handle:
         code = subprocess.call(command, stdout=handle, stderr=subprocess.STDOUT)
     seconds = time.perf_counter() - start
-    text = log.read_text()
-    match = RESULT_LINE.search(text) or PSA_RESULT_LINE.search(text)
-    if code != 0 or match is None:
+    result = parse_result(log.read_text())
+    if code != 0 or result is None:
         raise SystemExit(f"error: {' '.join(command)} failed (exit {code}); see {log}")
-    return {**{key: float(value) for key, value in match.groupdict().items()}, "seconds": seconds}
+    return {**result, "seconds": seconds}
+
+
+def parse_result(text: str) -> dict[str, float] | None:
+    """The final numbers of a train.py output (AFA's or the PSA mode's line), None if absent."""
+    match = RESULT_LINE.search(text) or PSA_RESULT_LINE.search(text)
+    return None if match is None else {key: float(value) for key, value in match.groupdict().items()}
+
+
+def mean_spread(values: list[float], digits: int = 3) -> str:
+    """A table cell: ``mean ± half the range`` of ``values`` (the value alone for one)."""
+    mean, spread = sum(values) / len(values), (max(values) - min(values)) / 2
+    return f"{mean:.{digits}f}" + (f" ± {spread:.{digits}f}" if len(values) > 1 else "")
 
 
 def summarise(results: dict[str, list[dict[str, float]]]) -> str:
@@ -61,9 +72,7 @@ def summarise(results: dict[str, list[dict[str, float]]]) -> str:
                 cells.append("-")
                 continue
             values = [run[key] / (60 if key == "seconds" else 1) for run in runs]
-            mean, spread = sum(values) / len(values), (max(values) - min(values)) / 2
-            digits = 1 if key == "seconds" else 3
-            cells.append(f"{mean:.{digits}f}" + (f" ± {spread:.{digits}f}" if len(values) > 1 else ""))
+            cells.append(mean_spread(values, 1 if key == "seconds" else 3))
         lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -264,12 +264,15 @@ def reference_propagate(
 
 def reference_propagate_with_affinity(
     cams: Tensor, labels: Tensor, affinity: Tensor, images: Tensor, boxes: Tensor,
-    thresholds=(0.35, 0.55), radius: int = 8, grid: tuple[int, int] = (4, 4), **kwargs,
+    thresholds=(0.35, 0.55), radius: int = 8, grid: tuple[int, int] = (4, 4), window: Tensor | None = None,
+    **kwargs,
 ) -> Tensor:
-    """§7's training label, image by image and threshold by threshold."""
+    """§7's training label, image by image and threshold by threshold; `window` may be
+    built once beforehand (`reference_window_mask`), as the reference trainer does."""
     b, c, h, w = cams.shape
     high, low = max(thresholds), min(thresholds)
-    window = reference_window_mask(grid[0], grid[1], radius, cams.device)
+    if window is None:
+        window = reference_window_mask(grid[0], grid[1], radius, cams.device)
     valid = cams * labels[:, :, None, None]
     on_grid = F.interpolate(valid, size=grid, mode="bilinear", align_corners=False)
     out = torch.full((b, h, w), IGN, dtype=torch.long, device=cams.device)
