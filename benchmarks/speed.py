@@ -147,6 +147,7 @@ class StraightforwardIteration:
                 images, list(options.cam_scales))
             cams, affinity = cams.float(), affinity.float()
             mark("cam")
+        with torch.no_grad(), torch.autocast(images.device.type, enabled=False):  # the label ops in float32, as afa's
             refined = ref.reference_refine_cams_with_par(
                 images, cams, labels, boxes, (options.high_thre, options.low_thre), **self.par)
             mark("par")
@@ -246,7 +247,7 @@ def main() -> None:
     parser.add_argument("--implementations", nargs="+", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS)
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only, as train.amp)")
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast, as train.amp (CUDA; CPU where it has native bf16)")
     parser.add_argument("--eval-images", type=int, default=12, help="images per evaluation preset; 0 skips")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "speed.json")
     parser.add_argument("--worker", nargs=2, metavar=("SETTING", "IMPLEMENTATION"), help=argparse.SUPPRESS)

@@ -13,7 +13,8 @@ from afa.engine.afa_step import (
     reference_classification_cam_passes,
     resolve_propagation,
 )
-from afa.engine.evaluator import predict_afa_batch_with_cams
+from afa.engine import afa_step as step_module
+from afa.engine.evaluator import autocast_context, predict_afa_batch_with_cams
 from afa.ops import random_walk as random_walk_module
 from afa.models.network import build_afa_network
 from tests.test_train import CONF
@@ -149,3 +150,26 @@ def test_dense_and_windowed_propagation_give_the_same_labels(small, monkeypatch)
                                             propagation=choice)[1]["propagated"]
         for choice in ("dense", "windowed")}
     assert torch.equal(evaluated["dense"], evaluated["windowed"]) and len(sparse_products) == 2
+
+
+def test_bf16_autocast_on_cpu_keeps_the_label_operators_in_float32(small, monkeypatch):
+    """train.amp on CPU: bf16 CAM passes, but PAR and the random walk see float32 inputs
+    and run outside autocast; the labels match the float32 step's almost everywhere."""
+    network, _, labels, _, options = small
+    images = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(3))
+    boxes = torch.tensor([[0, 128, 0, 128], [0, 96, 16, 128]])
+    seen = []
+    par, propagate = step_module.refine_cams_with_par, step_module.propagate_cams_with_affinity
+    monkeypatch.setattr(step_module, "refine_cams_with_par", lambda images, cams, *a, **k: seen.append(
+        ("par", cams.dtype, torch.is_autocast_enabled("cpu"))) or par(images, cams, *a, **k))
+    monkeypatch.setattr(step_module, "propagate_cams_with_affinity", lambda cams, labels, affinity, *a, **k: seen.append(
+        ("walk", affinity.dtype, torch.is_autocast_enabled("cpu"))) or propagate(cams, labels, affinity, *a, **k))
+    result = {}
+    for amp in (False, True):
+        with autocast_context(torch.device("cpu"), amp):
+            result[amp] = pseudo_labels(network, images, labels, boxes, options, propagate=True)
+    assert seen == [("par", torch.float32, False), ("walk", torch.float32, False)] * 2
+    assert result[True]["cams"].dtype == torch.float32
+    assert (result[True]["cams"] - result[False]["cams"]).abs().max() < 0.05  # bf16 rounding of the passes
+    for key in ("refined", "propagated"):
+        assert (result[True][key] == result[False][key]).float().mean() > 0.98

@@ -120,7 +120,7 @@ def test_pictures_leave_training_unchanged(synthetic_root, tmp_path, monkeypatch
     assert losses[0] == losses[1]
 
 
-@pytest.mark.parametrize("option", ["method.cam.reference_mode=true", "method.inactive_losses=skip"])
+@pytest.mark.parametrize("option", ["method.cam.reference_mode=true", "method.inactive_losses=skip", "train.amp=true"])
 def test_fidelity_options_train(synthetic_root, tmp_path, recorder, option):
     key, value = option.split("=")
     summary = train(compose_config(small_overrides(synthetic_root, tmp_path / "run", **{key: value})))

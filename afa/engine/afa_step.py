@@ -163,6 +163,9 @@ def pseudo_labels(
             finally:
                 network.train()
         mark("cam")
+    # The label operators in float32 under autocast too: thresholds, PAR's kernel and the
+    # random walk's powers are what bf16 would round; they are a small part of the step.
+    with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
         refined = refine_cams_with_par(
             images, cams, labels, boxes, (options.high_thre, options.low_thre), max_classes_per_image=max_classes, **par
         )
@@ -170,7 +173,7 @@ def pseudo_labels(
         result = {"cams": cams, "refined": refined}
         if propagate:
             result["propagated"] = propagate_cams_with_affinity(
-                cams, labels, affinity, images, boxes, thresholds=(options.low_thre, options.high_thre),
+                cams, labels, affinity.float(), images, boxes, thresholds=(options.low_thre, options.high_thre),
                 implementation=resolve_propagation(options.propagation, images.device),
                 radius=options.radius, max_classes_per_image=max_classes, **par,
             )

@@ -179,8 +179,6 @@ def validate_config(cfg: DictConfig) -> None:
     device = _get(cfg, "device")
     if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
         raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
-    if _get(cfg, "train.amp") is True and device == "cpu":
-        raise ConfigError("train.amp=true needs a GPU (bf16 autocast); use device=cuda or train.amp=false")
     _integer(cfg, "seed")
     _check_dataset(cfg)
     _check_model(cfg)

@@ -16,9 +16,9 @@ from afa.ops import cam_to_label
 
 
 def autocast_context(device: torch.device, enabled: bool):
-    """bf16 autocast on CUDA when enabled; a no-op otherwise."""
-    if enabled and device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    """bf16 autocast on `device` (CUDA or CPU) when enabled; a no-op otherwise."""
+    if enabled and device.type in ("cuda", "cpu"):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return nullcontext()
 
 

@@ -83,7 +83,7 @@ class StageLoop:
             extra_state: stored in every checkpoint besides the training state (e.g. the config).
         """
         options, device = self.options, self.run.device
-        amp = options.amp and device.type == "cuda"
+        amp = options.amp
         loader = build_loader(
             self.dataset, batch_size=options.batch_size, sampler=self.sampler, num_workers=options.num_workers,
             pin_memory=device.type == "cuda", drop_last=True, generator=torch.Generator().manual_seed(options.seed),

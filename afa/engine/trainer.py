@@ -90,7 +90,7 @@ class AFATrainer:
         self.method = cfg.method
         self.options = AFAOptions.from_config(cfg.method)
         self.max_iters = int(cfg.train.max_iters)
-        self.amp = bool(cfg.train.amp) and self.device.type == "cuda"
+        self.amp = bool(cfg.train.amp)
 
         self.train_dataset, self.val_dataset = build_datasets(cfg.dataset)
         run.prepare_datasets(self.train_dataset, self.val_dataset)
