@@ -173,3 +173,27 @@ def test_bf16_autocast_on_cpu_keeps_the_label_operators_in_float32(small, monkey
     assert (result[True]["cams"] - result[False]["cams"]).abs().max() < 0.05  # bf16 rounding of the passes
     for key in ("refined", "propagated"):
         assert (result[True][key] == result[False][key]).float().mean() > 0.98
+
+
+def test_eval_label_operators_ignore_autocast(small, monkeypatch):
+    """eval.py amp=true: the PAR and propagated targets are computed in float32 (the same labels)."""
+    from afa.engine import predict
+    from afa.engine.predict import PAROptions, par_label, propagate_label
+
+    states = []
+    for name in ("refine_cams_with_par", "propagate_cams_with_affinity"):
+        original = getattr(predict, name)
+        monkeypatch.setattr(predict, name, lambda *a, _f=original, **k: states.append(
+            (torch.is_autocast_enabled("cpu"), a[1].dtype)) or _f(*a, **k))
+    network, _, labels, _, _ = small
+    images = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(4))
+    cams = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(5))
+    affinity = network(images, with_segmentation=False, with_affinity=True).affinity.detach()
+    par = PAROptions(dilations=(1, 2), num_iterations=2, w1=0.3, w2=0.01)
+    results = []
+    for amp in (False, True):
+        with autocast_context(torch.device("cpu"), amp):
+            results.append((par_label(images, cams, labels, 0.45, par),
+                            propagate_label(network, images, cams, labels, affinity, 0.35, 1, "dense")))
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    assert states == [(False, torch.float32)] * 4

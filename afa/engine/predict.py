@@ -109,10 +109,11 @@ def propagate_label(network: AFANetwork, images: Tensor, cams: Tensor, labels: T
         bkg_score: the propagation's background score (τ = 0.35 in AFA).
         implementation: the random walk's implementation (``dense`` or ``windowed``).
     """
-    return propagate_cams_with_affinity(
-        cams, labels, affinity, thresholds=(bkg_score,), implementation=implementation,
-        radius=radius, grid_size=network.affinity_grid(*images.shape[-2:]),
-    )
+    with torch.autocast(images.device.type, enabled=False):  # float32 under amp, as the training labels
+        return propagate_cams_with_affinity(
+            cams.float(), labels, affinity.float(), thresholds=(bkg_score,), implementation=implementation,
+            radius=radius, grid_size=network.affinity_grid(*images.shape[-2:]),
+        )
 
 
 @torch.no_grad()
@@ -128,10 +129,11 @@ def par_label(images: Tensor, cams: Tensor, labels: Tensor, bkg_score: float, pa
     """
     batch, _, height, width = cams.shape
     boxes = torch.tensor([0, height, 0, width], device=cams.device).expand(batch, 4)
-    return refine_cams_with_par(
-        images, cams, labels, boxes, (bkg_score, bkg_score), dilations=par.dilations,
-        num_iterations=par.num_iterations, w1=par.w1, w2=par.w2, max_classes_per_image=max_classes,
-    )
+    with torch.autocast(images.device.type, enabled=False):  # float32 under amp, as the training labels
+        return refine_cams_with_par(
+            images, cams.float(), labels, boxes, (bkg_score, bkg_score), dilations=par.dilations,
+            num_iterations=par.num_iterations, w1=par.w1, w2=par.w2, max_classes_per_image=max_classes,
+        )
 
 
 @torch.no_grad()
