@@ -27,8 +27,14 @@ Each (setting, implementation) runs in its own process so its peak memory is its
 (CUDA: ``max_memory_allocated``; CPU: the process's peak resident set). Times are medians
 over ``--iterations`` after one warm-up iteration, CUDA synchronised at each phase
 boundary. Evaluation images/s come from ``benchmarks/eval_speed.py`` (the VOC photos of
-``../shared/data/voc-sample``; ``--eval-images 0`` skips it). Tables go to stdout, and
-with the environment to ``--out`` as JSON.
+``../shared/data/voc-sample``, or ``--eval-root``; ``--eval-images 0`` skips it). Tables go
+to stdout, and with the environment to ``--out`` as JSON.
+
+``--profile`` adds, per (setting, implementation), one more iteration counted by
+``torch.utils.flop_counter.FlopCounterMode`` (matmuls, convolutions and, on CUDA, the
+fused attention, forward and backward; sparse products by their stored entries; achieved TFLOP/s = FLOPs / median iteration time, and the fraction of
+``--peak-tflops`` when given) and one under ``torch.profiler``: the operators with the most
+self time, and the counts of kernel launches and of host-device synchronisations.
 """
 from __future__ import annotations
 
@@ -176,9 +182,10 @@ class StraightforwardIteration:
 
 
 def measure_worker(setting: str, implementation: str, iterations: int, device_name: str, amp: bool,
-                   batch_size: int | None = None, crop: int | None = None) -> dict:
+                   batch_size: int | None = None, crop: int | None = None, profile: bool = False) -> dict:
     """Times ``iterations`` steps (after a warm-up) of one implementation; runs in its own process.
-    ``batch_size`` and ``crop`` replace the setting's (a smoke test's small sizes)."""
+    ``batch_size`` and ``crop`` replace the setting's (a smoke test's small sizes); ``profile``
+    adds :func:`profile_iteration`'s counts (after the timed steps and the peak memory)."""
     device = torch.device(device_name)
     cfg = compose_setting(setting)
     _, classes = SETTINGS[setting]
@@ -207,16 +214,74 @@ def measure_worker(setting: str, implementation: str, iterations: int, device_na
             per_phase[phase].append(timer.times.get(phase, 0.0))
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return {"setting": setting, "implementation": implementation, "iterations": iterations,
+    seconds = statistics.median(totals)
+    profiled = profile_iteration(step, batch, device) if profile else None
+    if profiled is not None:
+        profiled["achieved_tflops"] = profiled["flops"] / seconds / 1e12
+    return {"setting": setting, "implementation": implementation, "iterations": iterations, "profile": profiled,
             "crop": crop, "batch_size": batch_size, "backbone": str(cfg.model.backbone),
-            "cam_scales": list(options.cam_scales), "seconds": statistics.median(totals),
+            "cam_scales": list(options.cam_scales), "seconds": seconds,
             "phases": {phase: statistics.median(values) for phase, values in per_phase.items()},
             "peak_memory_bytes": peak, "peak_memory_kind": "allocated" if device.type == "cuda" else "process RSS"}
 
 
+def counted_flops(step, batch: dict) -> int:
+    """FLOPs of one iteration by ``FlopCounterMode``, with sparse products (the windowed random
+    walk's CSR transition) counted by their stored entries, 2·nnz·columns, not as dense."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    correction = [0]
+
+    class SparseProducts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.mm.default and args[0].layout != torch.strided:
+                sparse, dense = args[0], args[1]
+                as_dense = 2 * sparse.shape[0] * sparse.shape[1] * dense.shape[1]
+                correction[0] += 2 * sparse._nnz() * dense.shape[1] - as_dense
+            return func(*args, **(kwargs or {}))
+
+    counter = FlopCounterMode(display=False)
+    with counter, SparseProducts():
+        step(batch, lambda phase: None)
+    return int(counter.get_total_flops()) + correction[0]
+
+
+SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy ", "cudaMemcpyAsync")
+
+
+def profile_iteration(step, batch: dict, device: torch.device, top: int = 12) -> dict:
+    """FLOPs of one iteration, then one iteration under the profiler: the operators with the
+    most self time (device time on CUDA), kernel launches and host synchronisations."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def ignore(phase: str) -> None:
+        return None
+
+    flops = counted_flops(step, batch)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step(batch, ignore)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    events = prof.key_averages()
+    device_key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    ranked = sorted(events, key=lambda e: getattr(e, device_key, 0.0), reverse=True)[:top]
+    total = sum(getattr(e, device_key, 0.0) for e in events) or 1.0
+    return {
+        "flops": flops,
+        "time_kind": "device self time" if device.type == "cuda" else "CPU self time",
+        "top_ops": [{"name": e.key, "calls": int(e.count), "ms": getattr(e, device_key, 0.0) / 1e3,
+                     "share": getattr(e, device_key, 0.0) / total} for e in ranked],
+        "kernel_launches": int(sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel",
+                                                                         "cudaLaunchKernelExC", "cuLaunchKernelEx"))),
+        "host_syncs": int(sum(e.count for e in events if e.key.startswith(SYNC_EVENTS))),
+    }
+
+
 def run_worker_process(setting: str, implementation: str, args: argparse.Namespace) -> dict:
     command = [sys.executable, __file__, "--worker", setting, implementation, "--iterations", str(args.iterations),
-               "--device", args.device] + (["--amp"] if args.amp else [])
+               "--device", args.device] + (["--amp"] if args.amp else []) + (["--profile"] if args.profile else [])
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"error: {' '.join(command)} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
@@ -240,6 +305,19 @@ def print_setting(rows: list[dict]) -> None:
     print(f"| peak memory GiB ({first['peak_memory_kind']}) | {memory}{ratio}")
 
 
+def print_profile(row: dict, peak_tflops: float | None) -> None:
+    profiled = row["profile"]
+    utilisation = (f", {profiled['achieved_tflops'] / peak_tflops:.1%} of {peak_tflops:g} TFLOP/s"
+                   if peak_tflops else "")
+    print(f"\n{row['setting']} {row['implementation']}: {profiled['flops'] / 1e9:.1f} GFLOP per iteration, "
+          f"{profiled['achieved_tflops']:.2f} TFLOP/s achieved{utilisation}; "
+          f"{profiled['kernel_launches']} kernel launches, {profiled['host_syncs']} host synchronisations")
+    print(f"| operator | calls | ms ({profiled['time_kind']}) | share |")
+    print("|---|---|---|---|")
+    for op in profiled["top_ops"]:
+        print(f"| {op['name']} | {op['calls']} | {op['ms']:.1f} | {op['share']:.1%} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -249,13 +327,16 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast, as train.amp (CUDA; CPU where it has native bf16)")
     parser.add_argument("--eval-images", type=int, default=12, help="images per evaluation preset; 0 skips")
+    parser.add_argument("--eval-root", type=Path, default=None, help="VOC-layout photos (default: voc-sample)")
+    parser.add_argument("--profile", action="store_true", help="FLOPs, top operators, launches, syncs (slower)")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="the device's peak, for the utilisation")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "speed.json")
     parser.add_argument("--worker", nargs=2, metavar=("SETTING", "IMPLEMENTATION"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.worker:
-        print(json.dumps(measure_worker(*args.worker, args.iterations, args.device, args.amp)))
+        print(json.dumps(measure_worker(*args.worker, args.iterations, args.device, args.amp, profile=args.profile)))
         return
 
     device = args.device
@@ -270,12 +351,15 @@ def main() -> None:
         rows = [run_worker_process(setting, implementation, args) for implementation in args.implementations]
         results["iterations"].extend(rows)
         print_setting(rows)
+        for row in rows:
+            if row["profile"] is not None:
+                print_profile(row, args.peak_tflops)
     if args.eval_images > 0:
         sys.path.insert(0, str(REPO / "benchmarks"))
         from eval_speed import DEFAULT_ROOT, measure_presets, print_table
 
         model = "mit_b1"
-        rows = measure_presets(DEFAULT_ROOT, model=model, presets=["ss", "ms", "ms_crf"], max_images=args.eval_images,
+        rows = measure_presets(args.eval_root or DEFAULT_ROOT, model=model, presets=["ss", "ms", "ms_crf"], max_images=args.eval_images,
                                batch_size=4, device=device, amp=args.amp)
         results["evaluation"] = rows
         print(f"\nevaluation ({model}, random weights, voc-sample photos, long side 512):")

@@ -38,3 +38,11 @@ def test_one_timed_iteration_of_each(tmp_path):
         row = speed.measure_worker("tiny", implementation, 1, "cpu", False, batch_size=2, crop=64)
         assert set(row["phases"]) == set(speed.PHASES) and row["seconds"] > 0
         assert abs(sum(row["phases"].values()) - row["seconds"]) < 0.05 * row["seconds"] + 0.05
+
+
+def test_profile_counts_flops_and_operators():
+    row = speed.measure_worker("tiny", "afa", 1, "cpu", False, batch_size=2, crop=64, profile=True)
+    profiled = row["profile"]
+    assert profiled["flops"] > 1e8 and profiled["achieved_tflops"] > 0  # a tiny MiT step at 64 px: ~1 GFLOP
+    assert len(profiled["top_ops"]) > 3 and all(op["calls"] >= 1 for op in profiled["top_ops"])
+    assert profiled["kernel_launches"] == 0 and profiled["host_syncs"] == 0  # none on CPU
