@@ -108,8 +108,7 @@ class EfficientSelfAttention(nn.Module):
     def _keys_values(self, x: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
         batch, _, dim = x.shape
         if self.sr_ratio > 1:
-            grid = x.transpose(1, 2).reshape(batch, dim, height, width)
-            x = self.norm(self.sr(grid).flatten(2).transpose(1, 2))
+            x = self.norm(_grid_conv(self.sr, x, height, width))
         # (B, M, 2, heads, d_head) -> 2 × (B, heads, M, d_head)
         kv = self.kv(x).reshape(batch, -1, 2, self.num_heads, dim // self.num_heads)
         keys, values = kv.permute(2, 0, 3, 1, 4).unbind(0)
@@ -148,9 +147,20 @@ class DepthwiseConv(nn.Module):
 
     def forward(self, x: Tensor, height: int, width: int) -> Tensor:
         """x: (B, N, D) -> (B, N, D)."""
-        batch, _, dim = x.shape
-        grid = x.transpose(1, 2).reshape(batch, dim, height, width)
-        return self.dwconv(grid).flatten(2).transpose(1, 2)
+        return _grid_conv(self.dwconv, x, height, width)
+
+
+def _grid_conv(conv: nn.Conv2d, x: Tensor, height: int, width: int) -> Tensor:
+    """A conv over tokens on their grid, channels-last: (B, N, D) -> (B, N', D').
+
+    The tokens are already the channels-last layout of the grid, so neither side copies
+    (a channels-first grid cost two copies of the 4×-wide MixFFN activations per block).
+    """
+    batch, _, dim = x.shape
+    # (B, N, D) -> (B, h, w, D) -> (B, D, h, w) view with channels-last strides
+    grid = x.reshape(batch, height, width, dim).permute(0, 3, 1, 2)
+    # (B, D', h', w') -> (B, h', w', D') -> (B, N', D'); a view when the conv kept channels-last
+    return conv(grid).permute(0, 2, 3, 1).reshape(batch, -1, conv.out_channels)
 
 
 class MixFFN(nn.Module):
