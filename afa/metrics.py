@@ -1,6 +1,6 @@
-"""Segmentation and image-label metrics that accumulate on the device (AFA.md §10).
+"""Segmentation, image-label and affinity metrics that accumulate on the device (AFA.md §10).
 
-Both accumulators keep integer counts in one tensor on the device of the predictions,
+The accumulators keep integer counts in one tensor on the device of the predictions,
 update without any host synchronisation, and sum across ranks with ``reduce_(reduce_sum)``,
 the in-place sum the engine provides (the metrics know nothing of processes).
 ``compute()`` is the only place that reads values back to the host.
@@ -245,6 +245,66 @@ class MultiLabelCounts:
             "sample_f1": float(self._sample_f1_sum.cpu()) / num_images if num_images else math.nan,
             "exact_match": int(counts[3, 1]) / num_images if num_images else math.nan,
             "num_images": num_images,
+        }
+
+
+class AffinityRecall:
+    """How well an affinity P separates the pairs of affinity targets (AFA.md §6).
+
+    A pair counts as predicted "same region" when P > 0.5. Positive recall: the share of
+    Y = 1 pairs with P > 0.5; negative recall: the share of Y = 0 pairs with P ≤ 0.5;
+    ignored pairs (Y = 255: outside the window or an ignored node) are not counted.
+
+    Args:
+        device: Where the counts live at first; they follow the affinity's device.
+
+    Example:
+        >>> recall = AffinityRecall()
+        >>> recall.update(affinity, affinity_labels_from_segmentation(masks, grid, radius=4))  # (B, N, N) each
+        >>> recall.reduce_(run.reduce_sum_).compute()["positive_recall"]
+    """
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        # positives, positives found, negatives, negatives found
+        self._counts = torch.zeros(4, dtype=torch.int64, device=device)
+        self._reduced = False
+
+    def reset(self) -> None:
+        """Zeroes the counts."""
+        self._counts.zero_()
+        self._reduced = False
+
+    @torch.no_grad()
+    def update(self, affinity: torch.Tensor, targets: torch.Tensor) -> None:
+        """Adds one batch: ``affinity`` (B, N, N) in [0, 1]; ``targets`` (B, N, N) 0 / 1 / 255."""
+        if self._reduced:
+            raise RuntimeError("AffinityRecall.update() after reduce_(); call reset() first")
+        if affinity.shape != targets.shape:
+            raise ValueError(f"affinity {tuple(affinity.shape)} and targets {tuple(targets.shape)} differ in shape")
+        if self._counts.device != affinity.device:
+            self._counts = self._counts.to(affinity.device)
+        same = affinity.float() > 0.5  # compared in float32 whatever the autocast dtype
+        targets = targets.to(affinity.device)
+        positive, negative = targets == 1, targets == 0
+        self._counts += torch.stack([positive.sum(), (positive & same).sum(), negative.sum(), (negative & ~same).sum()])
+
+    def reduce_(self, reduce_sum: ReduceSum | None = None) -> AffinityRecall:
+        """Sums the counts over all ranks in place with ``reduce_sum`` (None: one process); returns self."""
+        if self._reduced:
+            raise RuntimeError("AffinityRecall.reduce_() called twice; it would double-count other ranks")
+        if reduce_sum is not None:
+            reduce_sum(self._counts)
+        self._reduced = True
+        return self
+
+    def compute(self) -> dict[str, float | int]:
+        """``positive_recall``, ``negative_recall`` (NaN without such pairs), ``positives``, ``negatives``."""
+        positives, found_positives, negatives, found_negatives = self._counts.cpu().tolist()
+        return {
+            "positive_recall": found_positives / positives if positives else math.nan,
+            "negative_recall": found_negatives / negatives if negatives else math.nan,
+            "positives": positives,
+            "negatives": negatives,
         }
 
 

@@ -1,5 +1,6 @@
 """`eval.py`: a checkpoint's segmentation, CAM, PAR or propagated labels on a split or on
-any images, with the reference's test protocol (AFA.md §10), metrics and outputs.
+any images, with the reference's test protocol (AFA.md §10), metrics and outputs; or how
+well its attention affinity separates the ground truth's pairs (``target=affinity``, §6).
 
 Batches of same-size images stream through one prediction function per target, then
 through sinks that each do one thing (confusion matrix, mask PNGs, VOC server layout,
@@ -36,15 +37,22 @@ from afa.engine.builders import build_dataset, build_network
 from afa.engine.checkpoint import load_checkpoint
 from afa.engine.config import ConfigError
 from afa.engine.evaluator import autocast_context
-from afa.engine.predict import Target, TestProtocol, segmentation_logits, target_label, upsample
+from afa.engine.predict import (
+    Target,
+    TestProtocol,
+    affinity_with_targets,
+    segmentation_logits,
+    target_label,
+    upsample,
+)
 from afa.engine.run import RunContext
-from afa.metrics import ConfusionMatrix, iou_table_rows
+from afa.metrics import AffinityRecall, ConfusionMatrix, iou_table_rows
 from afa.models.network import AFANetwork
 from afa.models.weights import CheckpointError, afa_reference_filter_fn, load_strict
 
 LOG = logging.getLogger("afa")
 SAVE_KINDS = ("masks", "overlays", "server")
-TARGETS = ("segmentation", "cam", "par", "propagated")
+TARGETS = ("segmentation", "cam", "par", "propagated", "affinity")
 SERVER_FOLDER = Path("results/VOC2012/Segmentation/comp6_test_cls")
 
 
@@ -71,6 +79,8 @@ class EvalOptions:
             raise ConfigError(f"target={cfg.target}: choose one of {', '.join(TARGETS)}")
         if cfg.crf and cfg.target != "segmentation":
             raise ConfigError(f"crf=true refines segmentation logits; target={cfg.target} has none (drop crf)")
+        if save and cfg.target == "affinity":
+            raise ConfigError(f"save={list(save)}: target=affinity scores pairs and writes no label maps (drop save)")
         scales = tuple(float(s) for s in cfg.scales)
         if not scales or min(scales) <= 0:
             raise ConfigError(f"scales={list(scales)}: give one or more positive scales")
@@ -271,6 +281,9 @@ class Evaluation:
     def _dataset(self) -> tuple[Dataset, list[str]]:
         dataset_cfg = self.groups.dataset
         if self.cfg.images is not None:
+            if self.options.target == "affinity":
+                raise ConfigError("target=affinity scores against ground-truth masks; images=... has none "
+                                  "(drop images to evaluate a split with masks)")
             if self.options.target != "segmentation":
                 raise ConfigError(f"target={self.options.target} needs image labels; images=... has none (use target=segmentation)")
             names = (self.cfg.get("class_names") or self.stored_class_names
@@ -280,6 +293,9 @@ class Evaluation:
             return ImageListDataset(self.cfg.images), list(names)
         node = with_split(dataset_cfg.val if dataset_cfg.get("val") is not None else dataset_cfg.train, self.cfg.split)
         dataset = build_dataset(node, "dataset.val")
+        if self.options.target == "affinity" and not getattr(dataset, "with_masks", False):
+            raise ConfigError(f"target=affinity scores against ground-truth masks; split={self.cfg.split or 'val'} of "
+                              f"dataset {dataset_cfg.get('name')} has none (choose a split with masks, e.g. split=val)")
         return dataset, list(dataset.class_names)
 
     def _batches(self) -> Any:
@@ -309,9 +325,17 @@ class Evaluation:
                 self.propagation_bkg_score, self.radius, self.implementation, self.par, max_classes,
             )
 
+    def _affinity(self, batch: dict) -> tuple[Tensor, Tensor]:
+        """(B, N, N) float32 affinity of the scale-1 forward and its (B, N, N) uint8 mask targets."""
+        images = batch["image"].to(self.device, non_blocking=True)
+        masks = batch["mask"].to(self.device, non_blocking=True)
+        with autocast_context(self.device, self.options.amp):
+            return affinity_with_targets(self.network, images, masks, self.radius)
+
     def run_loop(self) -> dict[str, Any]:
         loader, count = self._batches()
         matrix = ConfusionMatrix(self.num_classes + 1, device=self.device)
+        recall = AffinityRecall(self.device) if self.options.target == "affinity" else None
         writer = OutputWriter(self.output_dir, self.options.save, self.class_names)
         crf = CRFPool(self.options.crf_workers, self.options.crf) if self.options.crf is not None else None
         pending_masks: dict[str, Tensor] = {}  # masks of images whose CRF label is not back yet
@@ -326,6 +350,10 @@ class Evaluation:
 
         try:
             for batch in loader:
+                if recall is not None:  # pairs only: no label map, no sinks
+                    recall.update(*self._affinity(batch))
+                    progress.update(len(batch["name"]))
+                    continue
                 logits, labels = self._predict(batch)
                 masks = batch.get("mask")
                 keep_images = "overlays" in self.options.save
@@ -361,8 +389,12 @@ class Evaluation:
         images = int(self.run.reduce_sum_(torch.tensor([count], device=self.device)).item())
         speed = {"num_images": images, "seconds": round(seconds, 3), "images_per_second": round(images / seconds, 3)}
         scored = bool(getattr(self.dataset, "with_masks", False))  # the same on every rank: the reduce is collective
-        results = self._report(matrix.reduce_(self.run.reduce_sum_).compute(), speed) if scored else {
-            **speed, "output_dir": str(self.output_dir)}
+        if recall is not None:
+            results = self._report_affinity(recall.reduce_(self.run.reduce_sum_).compute(), speed)
+        elif scored:
+            results = self._report(matrix.reduce_(self.run.reduce_sum_).compute(), speed)
+        else:
+            results = {**speed, "output_dir": str(self.output_dir)}
         LOG.info("%d images in %.1f s (%.2f images/s)", images, seconds, images / seconds)
         if self.run.is_main:
             archive = writer.archive_server_layout()
@@ -398,6 +430,18 @@ class Evaluation:
                 LOG.info("  %-16s %s", name, "   -  " if math.isnan(value) else f"{value:.4f}")
         return results
 
+    def _report_affinity(self, metrics: dict[str, Any], speed: dict[str, Any]) -> dict[str, Any]:
+        """The affinity target's results (``metrics.json`` and the logger on rank 0)."""
+        results = {
+            "target": self.options.target, "split": self.cfg.split, "checkpoint": str(self.cfg.ckpt),
+            "radius": self.radius, **metrics, **speed, "output_dir": str(self.output_dir),
+        }
+        if self.run.is_main:
+            (self.output_dir / "metrics.json").write_text(json.dumps(_finite_or_null(results), indent=2))
+            self.run.experiment.log_scalars({f"eval/{k}": results[k] for k in ("positive_recall", "negative_recall")},
+                                            step=0)
+        return results
+
 
 def _finite_or_null(value: Any) -> Any:
     """JSON has no NaN: a class absent from the ground truth gets null."""
@@ -409,8 +453,15 @@ def _finite_or_null(value: Any) -> Any:
 
 
 def print_results(results: dict[str, Any], cfg: DictConfig) -> None:
-    """The command's last lines: the two mIoUs and accuracies, and where the files are."""
-    if "miou" in results:
+    """The command's last lines: the two mIoUs and accuracies (target=affinity: the two
+    recalls), and where the files are."""
+    if "positive_recall" in results:
+        print(
+            f"affinity on {results['split'] or 'val'} ({results['num_images']} images, radius {results['radius']}): "
+            f"positive recall {results['positive_recall']:.3f} | negative recall {results['negative_recall']:.3f} "
+            f"(pairs within the window: {results['positives']} positive, {results['negatives']} negative)"
+        )
+    elif "miou" in results:
         scales = "CAM scales" if results["target"] != "segmentation" else "scales"
         protocol = f"{scales} {results['scales']}{' + flip' if results['flip'] else ''}{' + CRF' if results['crf'] else ''}"
         print(

@@ -1,5 +1,5 @@
 """Predictions of a trained AFA network for evaluation: one function per target (AFA.md §10;
-the PAR label of §5 as a fourth).
+the PAR label of §5 as a fourth, the attention affinity against its §6 targets as a fifth).
 
 All take a batch of same-size images on the device and return device tensors; nothing
 here reads files or talks to other processes.
@@ -16,9 +16,15 @@ from torch import Tensor
 
 from afa.engine.afa_step import PAROptions
 from afa.models.network import AFANetwork
-from afa.ops import cam_to_label, multi_scale_cam, propagate_cams_with_affinity, refine_cams_with_par
+from afa.ops import (
+    affinity_labels_from_segmentation,
+    cam_to_label,
+    multi_scale_cam,
+    propagate_cams_with_affinity,
+    refine_cams_with_par,
+)
 
-Target = Literal["segmentation", "cam", "propagated", "par"]
+Target = Literal["segmentation", "cam", "propagated", "par", "affinity"]
 
 
 @dataclass(frozen=True)
@@ -151,3 +157,23 @@ def target_label(network: AFANetwork, images: Tensor, labels: Tensor, output_siz
         return par_label(images, cams, labels, bkg_score, par, max_classes)
     affinity = network(images, with_segmentation=False, with_affinity=True).affinity
     return propagate_label(network, images, cams, labels, affinity, propagation_bkg_score, radius, implementation)
+
+
+@torch.no_grad()
+def affinity_with_targets(network: AFANetwork, images: Tensor, masks: Tensor, radius: int) -> tuple[Tensor, Tensor]:
+    """The attention affinity P of the scale-1 forward and its ground-truth pair targets
+    (AFA.md §6 with the mask in place of the refined label), as the propagated target's P.
+
+    Args:
+        images: (B, 3, H, W) normalised, same size.
+        masks: (B, H, W) int64 ground truth, 255 ignored.
+        radius: the window radius r of the targets.
+
+    Returns:
+        affinity: (B, N, N) float32 with N = h·w nodes of ``network.affinity_grid(H, W)``.
+        targets: (B, N, N) uint8: 1 same class, 0 different, 255 ignored node or outside the window.
+    """
+    _, affinity = network.forward_cam(images, affinity_images=images.shape[0])
+    grid = network.affinity_grid(*images.shape[-2:])
+    with torch.autocast(images.device.type, enabled=False):  # float32 under amp, as the training's targets
+        return affinity.float(), affinity_labels_from_segmentation(masks, grid, radius=radius)
