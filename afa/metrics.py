@@ -253,7 +253,9 @@ class AffinityRecall:
 
     A pair counts as predicted "same region" when P > 0.5. Positive recall: the share of
     Y = 1 pairs with P > 0.5; negative recall: the share of Y = 0 pairs with P ≤ 0.5;
-    ignored pairs (Y = 255: outside the window or an ignored node) are not counted.
+    ignored pairs (Y = 255: outside the window or an ignored node) are not counted. Given
+    the foreground nodes, the foreground positive recall counts only Y = 1 pairs inside
+    objects: background pairs are most of the positives and hide how objects fare.
 
     Args:
         device: Where the counts live at first; they follow the affinity's device.
@@ -265,8 +267,8 @@ class AffinityRecall:
     """
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
-        # positives, positives found, negatives, negatives found
-        self._counts = torch.zeros(4, dtype=torch.int64, device=device)
+        # positives, positives found, negatives, negatives found, foreground positives, found
+        self._counts = torch.zeros(6, dtype=torch.int64, device=device)
         self._reduced = False
 
     def reset(self) -> None:
@@ -275,8 +277,9 @@ class AffinityRecall:
         self._reduced = False
 
     @torch.no_grad()
-    def update(self, affinity: torch.Tensor, targets: torch.Tensor) -> None:
-        """Adds one batch: ``affinity`` (B, N, N) in [0, 1]; ``targets`` (B, N, N) 0 / 1 / 255."""
+    def update(self, affinity: torch.Tensor, targets: torch.Tensor, foreground: torch.Tensor | None = None) -> None:
+        """Adds one batch: ``affinity`` (B, N, N) in [0, 1]; ``targets`` (B, N, N) 0 / 1 / 255;
+        ``foreground`` (B, N) bool, the nodes inside objects (None: not counted)."""
         if self._reduced:
             raise RuntimeError("AffinityRecall.update() after reduce_(); call reset() first")
         if affinity.shape != targets.shape:
@@ -286,7 +289,11 @@ class AffinityRecall:
         same = affinity.float() > 0.5  # compared in float32 whatever the autocast dtype
         targets = targets.to(affinity.device)
         positive, negative = targets == 1, targets == 0
-        self._counts += torch.stack([positive.sum(), (positive & same).sum(), negative.sum(), (negative & ~same).sum()])
+        counts = [positive.sum(), (positive & same).sum(), negative.sum(), (negative & ~same).sum()]
+        if foreground is not None:
+            inside = positive & foreground.to(affinity.device)[:, :, None]  # Y = 1: j is in the same object class
+            counts += [inside.sum(), (inside & same).sum()]
+        self._counts[: len(counts)] += torch.stack(counts)
 
     def reduce_(self, reduce_sum: ReduceSum | None = None) -> AffinityRecall:
         """Sums the counts over all ranks in place with ``reduce_sum`` (None: one process); returns self."""
@@ -298,12 +305,15 @@ class AffinityRecall:
         return self
 
     def compute(self) -> dict[str, float | int]:
-        """``positive_recall``, ``negative_recall`` (NaN without such pairs), ``positives``, ``negatives``."""
-        positives, found_positives, negatives, found_negatives = self._counts.cpu().tolist()
+        """``positive_recall``, ``foreground_positive_recall``, ``negative_recall`` (NaN without
+        such pairs), ``positives``, ``foreground_positives``, ``negatives``."""
+        positives, found_positives, negatives, found_negatives, inside, found_inside = self._counts.cpu().tolist()
         return {
             "positive_recall": found_positives / positives if positives else math.nan,
+            "foreground_positive_recall": found_inside / inside if inside else math.nan,
             "negative_recall": found_negatives / negatives if negatives else math.nan,
             "positives": positives,
+            "foreground_positives": inside,
             "negatives": negatives,
         }
 

@@ -30,7 +30,7 @@ def per_image_counts(ckpt: Path, num_images: int) -> tuple[dict[str, int], int]:
     dataset = build_dataset(with_split(groups.dataset.val, None), "dataset.val")
     network = load_network(ckpt, state, groups.model, len(dataset.class_names) - 1)
     radius = int(groups.method.affinity.radius)
-    counts = dict.fromkeys(("positives", "positives_found", "negatives", "negatives_found"), 0)
+    counts = dict.fromkeys(("positives", "positives_found", "negatives", "negatives_found", "inside", "inside_found"), 0)
     for index in range(num_images):
         sample = dataset[index]
         image, mask = sample["image"][None], sample["mask"][None]
@@ -38,6 +38,11 @@ def per_image_counts(ckpt: Path, num_images: int) -> tuple[dict[str, int], int]:
             _, affinity = network.forward_cam(image, affinity_images=1)
         targets = affinity_labels_from_segmentation(mask, network.affinity_grid(*image.shape[-2:]), radius=radius)[0]
         same = affinity[0] > 0.5  # (N, N)
+        grid = network.affinity_grid(*image.shape[-2:])
+        nodes = torch.nn.functional.interpolate(mask[None].float(), size=grid, mode="nearest").flatten().long()
+        inside = (targets == 1) & ((nodes > 0) & (nodes != 255))[:, None]
+        counts["inside"] += int(inside.sum())
+        counts["inside_found"] += int(same[inside].sum())
         counts["positives"] += int((targets == 1).sum())
         counts["positives_found"] += int(same[targets == 1].sum())
         counts["negatives"] += int((targets == 0).sum())
@@ -65,16 +70,20 @@ def test_affinity_target_equals_a_per_image_count(trained, tmp_path, capsys, mon
     assert results["positives"] == expected["positives"] > 0 and results["negatives"] == expected["negatives"] > 0
     assert results["positive_recall"] == expected["positives_found"] / expected["positives"]
     assert results["negative_recall"] == expected["negatives_found"] / expected["negatives"]
-    assert set(results) == {"target", "split", "checkpoint", "radius", "positive_recall", "negative_recall", "positives",
-                            "negatives", "num_images", "seconds", "images_per_second", "output_dir"}
+    assert 0 < results["foreground_positives"] == expected["inside"] < results["positives"]
+    assert results["foreground_positive_recall"] == expected["inside_found"] / expected["inside"]
+    assert set(results) == {"target", "split", "checkpoint", "radius", "positive_recall", "foreground_positive_recall",
+                            "negative_recall", "positives", "foreground_positives", "negatives", "num_images", "seconds",
+                            "images_per_second", "output_dir"}
     written = json.loads((tmp_path / "affinity" / "metrics.json").read_text())
     assert written["positives"] == results["positives"] and written["negative_recall"] == results["negative_recall"]
-    assert recorder.scalars == {"eval/positive_recall": results["positive_recall"],
-                                "eval/negative_recall": results["negative_recall"]}
+    assert recorder.scalars == {f"eval/{k}": results[k] for k in
+                                ("positive_recall", "foreground_positive_recall", "negative_recall")}
     print_results(results, None)
     line = capsys.readouterr().out.splitlines()[-2]  # then the images/s line
     assert line.startswith(f"affinity on val (4 images, radius {radius}): positive recall ")
-    assert line.endswith(f"(pairs within the window: {results['positives']} positive, {results['negatives']} negative)")
+    assert line.endswith(f"(pairs within the window: {results['positives']} positive, {results['foreground_positives']} "
+                         f"of them inside objects, {results['negatives']} negative)")
 
 
 def shard_worker(rank: int, port: int, ckpt: str, out: str, queue) -> None:
@@ -105,13 +114,19 @@ def test_affinity_recall_against_a_hand_count():
     recall = AffinityRecall()
     recall.update(affinity, targets)
     # Y=1: 0.9 (found), 0.2, 0.5 (not > 0.5): 1 of 3; Y=0: 0.7, 0.6, 0.8, 0.4 (found): 1 of 4; 255 skipped.
-    assert recall.compute() == {"positive_recall": 1 / 3, "negative_recall": 1 / 4, "positives": 3, "negatives": 4}
-    recall.update(affinity.to(torch.bfloat16), targets)  # a second batch, the autocast dtype
-    assert recall.compute()["positives"] == 6
+    first = recall.compute()
+    assert first["foreground_positives"] == 0 and math.isnan(first.pop("foreground_positive_recall"))
+    assert first == {"positive_recall": 1 / 3, "negative_recall": 1 / 4, "positives": 3, "negatives": 4,
+                     "foreground_positives": 0}
+    # Node 1 inside an object: its Y=1 pair (1, 1) has P 0.5, not found; node 0's pairs are background.
+    recall.update(affinity.to(torch.bfloat16), targets, foreground=torch.tensor([[False, True, False]]))
+    second = recall.compute()  # a second batch, the autocast dtype
+    assert second["positives"] == 6 and second["foreground_positives"] == 1 and second["foreground_positive_recall"] == 0
 
     doubled = recall.reduce_(lambda counts: counts.mul_(2))  # two ranks with the same counts
     assert doubled is recall and recall.compute() == {"positive_recall": 1 / 3, "negative_recall": 1 / 4,
-                                                      "positives": 12, "negatives": 16}
+                                                      "foreground_positive_recall": 0.0, "positives": 12,
+                                                      "negatives": 16, "foreground_positives": 2}
     with pytest.raises(RuntimeError, match="twice"):
         recall.reduce_(lambda counts: counts.mul_(2))
     with pytest.raises(RuntimeError, match="reset"):

@@ -325,8 +325,9 @@ class Evaluation:
                 self.propagation_bkg_score, self.radius, self.implementation, self.par, max_classes,
             )
 
-    def _affinity(self, batch: dict) -> tuple[Tensor, Tensor]:
-        """(B, N, N) float32 affinity of the scale-1 forward and its (B, N, N) uint8 mask targets."""
+    def _affinity(self, batch: dict) -> tuple[Tensor, Tensor, Tensor]:
+        """(B, N, N) float32 affinity of the scale-1 forward, its (B, N, N) uint8 mask targets
+        and (B, N) foreground nodes."""
         images = batch["image"].to(self.device, non_blocking=True)
         masks = batch["mask"].to(self.device, non_blocking=True)
         with autocast_context(self.device, self.options.amp):
@@ -438,8 +439,8 @@ class Evaluation:
         }
         if self.run.is_main:
             (self.output_dir / "metrics.json").write_text(json.dumps(_finite_or_null(results), indent=2))
-            self.run.experiment.log_scalars({f"eval/{k}": results[k] for k in ("positive_recall", "negative_recall")},
-                                            step=0)
+            recalls = ("positive_recall", "foreground_positive_recall", "negative_recall")
+            self.run.experiment.log_scalars({f"eval/{k}": results[k] for k in recalls}, step=0)
         return results
 
 
@@ -458,8 +459,9 @@ def print_results(results: dict[str, Any], cfg: DictConfig) -> None:
     if "positive_recall" in results:
         print(
             f"affinity on {results['split'] or 'val'} ({results['num_images']} images, radius {results['radius']}): "
-            f"positive recall {results['positive_recall']:.3f} | negative recall {results['negative_recall']:.3f} "
-            f"(pairs within the window: {results['positives']} positive, {results['negatives']} negative)"
+            f"positive recall {results['positive_recall']:.3f} (inside objects {results['foreground_positive_recall']:.3f}) | "
+            f"negative recall {results['negative_recall']:.3f} (pairs within the window: {results['positives']} positive, "
+            f"{results['foreground_positives']} of them inside objects, {results['negatives']} negative)"
         )
     elif "miou" in results:
         scales = "CAM scales" if results["target"] != "segmentation" else "scales"

@@ -14,11 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from afa.constants import IGNORE_INDEX
 from afa.engine.afa_step import PAROptions
 from afa.models.network import AFANetwork
 from afa.ops import (
     affinity_labels_from_segmentation,
     cam_to_label,
+    labels_on_grid,
     multi_scale_cam,
     propagate_cams_with_affinity,
     refine_cams_with_par,
@@ -160,9 +162,10 @@ def target_label(network: AFANetwork, images: Tensor, labels: Tensor, output_siz
 
 
 @torch.no_grad()
-def affinity_with_targets(network: AFANetwork, images: Tensor, masks: Tensor, radius: int) -> tuple[Tensor, Tensor]:
-    """The attention affinity P of the scale-1 forward and its ground-truth pair targets
-    (AFA.md §6 with the mask in place of the refined label), as the propagated target's P.
+def affinity_with_targets(network: AFANetwork, images: Tensor, masks: Tensor,
+                          radius: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The attention affinity P of the scale-1 forward, its ground-truth pair targets (AFA.md
+    §6 with the mask in place of the refined label) and foreground nodes, as the propagated target's P.
 
     Args:
         images: (B, 3, H, W) normalised, same size.
@@ -172,8 +175,11 @@ def affinity_with_targets(network: AFANetwork, images: Tensor, masks: Tensor, ra
     Returns:
         affinity: (B, N, N) float32 with N = h·w nodes of ``network.affinity_grid(H, W)``.
         targets: (B, N, N) uint8: 1 same class, 0 different, 255 ignored node or outside the window.
+        foreground: (B, N) bool, the nodes of a foreground class.
     """
     _, affinity = network.forward_cam(images, affinity_images=images.shape[0])
     grid = network.affinity_grid(*images.shape[-2:])
     with torch.autocast(images.device.type, enabled=False):  # float32 under amp, as the training's targets
-        return affinity.float(), affinity_labels_from_segmentation(masks, grid, radius=radius)
+        nodes = labels_on_grid(masks, grid)
+        foreground = (nodes > 0) & (nodes != IGNORE_INDEX)
+        return affinity.float(), affinity_labels_from_segmentation(masks, grid, radius=radius), foreground

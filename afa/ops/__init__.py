@@ -3,6 +3,7 @@ from afa.constants import IGNORE_INDEX
 from afa.ops.affinity import (
     affinity_labels_from_segmentation,
     affinity_loss,
+    labels_on_grid,
     local_window_mask,
     local_window_neighbours,
 )
@@ -64,6 +65,7 @@ __all__ = [
     "PSA_STRIDE",
     "RandomWalkImplementation",
     "affinity_labels_from_segmentation",
+    "labels_on_grid",
     "affinity_loss",
     "affinity_pair_indices",
     "affinity_pair_labels",

@@ -65,6 +65,20 @@ def local_window_neighbours(
     return _window_neighbours(height, width, radius, torch.device(device))
 
 
+def labels_on_grid(labels: Tensor, grid: tuple[int, int]) -> Tensor:
+    """A label map on the affinity grid, flattened: nearest downsampling (AFA.md §6).
+
+    Args:
+        labels: (B, H, W) int64 class ids (255 ignored).
+        grid: (h, w) of the affinity grid.
+
+    Returns:
+        (B, h·w) int64.
+    """
+    small = F.interpolate(labels[:, None].float(), size=grid, mode="nearest")  # label ids ≤ 255 are exact
+    return small.flatten(1).long()
+
+
 def affinity_labels_from_segmentation(
     labels: Tensor, grid_size: int | tuple[int, int], radius: int = 8,
     ignore_index: int = IGNORE_INDEX,
@@ -84,8 +98,7 @@ def affinity_labels_from_segmentation(
         (B, N, N) uint8 with N = h · w; values 0, 1 or ignore_index.
     """
     grid = (grid_size, grid_size) if isinstance(grid_size, int) else tuple(grid_size)
-    small = F.interpolate(labels[:, None].float(), size=grid, mode="nearest")  # label ids ≤ 255 are exact
-    small = small.flatten(1).long()  # (B, N)
+    small = labels_on_grid(labels, grid)  # (B, N)
     same = small[:, :, None] == small[:, None, :]  # (B, N, N)
     ignored = small == ignore_index
     window = local_window_mask(grid[0], grid[1], radius, labels.device)
