@@ -1,8 +1,9 @@
 """Pseudo-label and segmentation quality of AFA's parts on the synthetic benchmark: mIoU of
-the CAM, PAR and propagated labels (val and train) and of the segmentation (val), for AFA,
-AFA without its refinements, and the PSA mode, over seeds.
+the CAM, PAR and propagated labels (val and train) and of the segmentation (val), and the
+recall of the learned affinity (val), for AFA, AFA without its refinements or its pretrained
+prior, and the PSA mode, over seeds.
 
-    python benchmarks/quality.py                                   # seeds 0 1 2, all four variants, runs/quality
+    python benchmarks/quality.py                                   # seeds 0 1 2, all five variants, runs/quality
     python benchmarks/quality.py --variants cam_only no_par --out runs/quality
     python benchmarks/quality.py --seeds 0 --variants afa --no-train-split   # val columns only
     python benchmarks/quality.py --finished-only --train-max-images 400      # a table of the runs already done
@@ -13,7 +14,9 @@ Variants (each one `python train.py logger=none seed=k ...`, by `synthetic_runs.
   learns from the PAR label throughout, no affinity loss, no propagated label in training;
 - ``no_par``: ``method.par.num_iterations=0``: AFA without PAR (the PAR label is the
   thresholded CAM through PAR's ×2 down/up-sampling; the propagated label is not refined);
-- ``afa``: the default `python train.py`;
+- ``afa``: the default `python train.py` (the tiny MiT from randomly initialised weights);
+- ``afa_prior``: ``experiment=synthetic_prior``: the default run started from the tiny MiT's
+  pretrained prior (``weights/mit_tiny_synthetic_prior.pth``, docs/synthetic.md);
 - ``psa``: ``experiment=psa_synthetic``, the PSA two-stage mode.
 
 A run is reused, not trained again, when ``<out>/<variant>-seed<k>.log`` holds its result
@@ -22,7 +25,10 @@ line and its checkpoint exists (``<out>/<variant>-seed<k>/checkpoints/last.pt``;
 segmentation on val from the run's final validation (its log); PAR on val and CAM, PAR,
 propagated on train from `eval.py`'s ``evaluate()`` on the checkpoint (``target=par`` /
 ``cam`` / ``propagated``, ``split=train``, ``eval=ss``: the CAM targets use the method's CAM
-scales at the images' size, as the training validation does), each cached as
+scales at the images' size, as the training validation does), and the affinity recall on
+val from ``target=affinity`` (the shares of the masks' same-class and different-class pairs
+within ``method.affinity.radius`` with P > 0.5 and P ≤ 0.5; "objects": the same-class pairs
+inside objects, without the background's), each cached as
 ``<out>/<variant>-seed<k>/quality/<split>-<target>.json``. PSA: its own CAM-label and
 random-walk-label mIoU on train and segmentation on val, '-' elsewhere. Minutes per run:
 first to last timestamped line of the run's log. Cells: mean ± half the range over seeds.
@@ -56,17 +62,29 @@ VARIANTS = {v.name: v for v in (
     Variant("cam_only", ("method.switch_iters=800", "method.loss.aff_weight=0")),
     Variant("no_par", ("method.par.num_iterations=0",)),
     Variant("afa", ()),
+    Variant("afa_prior", ("experiment=synthetic_prior",)),
     Variant("psa", ("experiment=psa_synthetic",), psa=True),
 )}
 # (key, header) of the table's metric columns, in order.
 COLUMNS = (
     ("val_cam", "CAM (val)"), ("val_par", "PAR (val)"), ("val_propagated", "propagated (val)"),
     ("segmentation", "segmentation (val)"),
+    ("val_affinity_positive", "affinity recall + (val)"), ("val_affinity_objects", "affinity recall +, objects (val)"),
+    ("val_affinity_negative", "affinity recall − (val)"),
     ("train_cam", "CAM (train)"), ("train_par", "PAR (train)"), ("train_propagated", "propagated (train)"),
 )
-# The eval.py targets of an AFA checkpoint: (split, target) -> column.
-VAL_EVALS = {("val", "par"): "val_par"}
-TRAIN_EVALS = {("train", "cam"): "train_cam", ("train", "par"): "train_par", ("train", "propagated"): "train_propagated"}
+# The eval.py targets of an AFA checkpoint: (split, target) -> ((column, result key), ...).
+VAL_EVALS = {
+    ("val", "par"): (("val_par", "miou"),),
+    ("val", "affinity"): (("val_affinity_positive", "positive_recall"),
+                          ("val_affinity_objects", "foreground_positive_recall"),
+                          ("val_affinity_negative", "negative_recall")),
+}
+TRAIN_EVALS = {("train", target): ((f"train_{target}", "miou"),) for target in ("cam", "par", "propagated")}
+# What a target's cache entry keeps of evaluate()'s results.
+RESULT_KEYS = {"affinity": ("positive_recall", "foreground_positive_recall", "negative_recall", "positives",
+                            "foreground_positives", "negatives", "radius")}
+LABEL_RESULT_KEYS = ("miou", "miou_standard")
 TIMESTAMP = re.compile(r"^(\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}) \|", re.MULTILINE)
 
 
@@ -137,8 +155,9 @@ def split_max_images(split: str, options: argparse.Namespace) -> int | None:
     return options.train_max_images if split == "train" and options.train_max_images is not None else options.max_images
 
 
-def read_cache(path: Path, checkpoint: Path, max_images: int | None) -> dict[str, Any] | None:
-    """A cached eval result, if it was computed on this very checkpoint file with these images."""
+def read_cache(path: Path, checkpoint: Path, max_images: int | None, target: str) -> dict[str, Any] | None:
+    """A cached eval result, if it was computed on this very checkpoint file with these images
+    and holds every number the target now reports."""
     if not path.is_file():
         return None
     try:
@@ -146,7 +165,8 @@ def read_cache(path: Path, checkpoint: Path, max_images: int | None) -> dict[str
     except json.JSONDecodeError:
         return None
     same = all(cached.get(k) == v for k, v in checkpoint_stamp(checkpoint).items() if k != "checkpoint")
-    return cached if same and cached.get("max_images") == max_images else None
+    complete = all(key in cached for key in RESULT_KEYS.get(target, LABEL_RESULT_KEYS))
+    return cached if same and complete and cached.get("max_images") == max_images else None
 
 
 def eval_overrides(checkpoint: Path, split: str, target: str, run_dir: Path, options: argparse.Namespace) -> list[str]:
@@ -163,10 +183,11 @@ def eval_overrides(checkpoint: Path, split: str, target: str, run_dir: Path, opt
 
 def evaluate_target(checkpoint: Path, run_dir: Path, split: str, target: str,
                     options: argparse.Namespace) -> tuple[dict[str, Any], bool]:
-    """(mIoU and friends of one eval.py target, whether it came from the cache)."""
+    """(one eval.py target's numbers: mIoU and friends, the two recalls for ``affinity``;
+    whether they came from the cache)."""
     path = cache_path(run_dir, split, target)
     max_images = split_max_images(split, options)
-    cached = read_cache(path, checkpoint, max_images)
+    cached = read_cache(path, checkpoint, max_images, target)
     if cached is not None:
         return cached, True
     from hydra import compose, initialize_config_dir
@@ -177,7 +198,7 @@ def evaluate_target(checkpoint: Path, run_dir: Path, split: str, target: str,
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose(config_name="eval", overrides=overrides)
     results = evaluate(cfg, {})
-    entry = {"split": split, "target": target, "miou": results["miou"], "miou_standard": results["miou_standard"],
+    entry = {"split": split, "target": target, **{key: results[key] for key in RESULT_KEYS.get(target, LABEL_RESULT_KEYS)},
              "num_images": results["num_images"], "seconds": results["seconds"], "max_images": max_images,
              "command": "python eval.py " + " ".join(overrides), **checkpoint_stamp(checkpoint)}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -240,10 +261,12 @@ def main() -> None:
             run = {"seed": seed, "reused": reused, "log": str(log), "checkpoint": str(checkpoint),
                    **table_columns(variant, numbers)}
             if not variant.psa:
-                for (split, target), key in evals.items():
+                for (split, target), columns in evals.items():
                     entry, cached = evaluate_target(checkpoint, run_dir, split, target, options)
-                    run[key] = entry["miou"]
-                    print(f"  {target} label on {split}: mIoU {entry['miou']:.4f}"
+                    run.update({column: entry[key] for column, key in columns})
+                    numbers = ", ".join(f"{'mIoU' if key == 'miou' else key.replace('_', ' ')} {entry[key]:.4f}"
+                                        for _, key in columns)
+                    print(f"  {target} on {split}: {numbers}"
                           + (" (cached)" if cached else f" ({entry['seconds']:.0f} s)"), flush=True)
             minutes = "-" if run["seconds"] is None else f"{run['seconds'] / 60:.1f} min"
             print(f"  {name} seed {seed}: " + ", ".join(f"{key} {run[key]:.3f}" for key, _ in COLUMNS

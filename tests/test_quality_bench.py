@@ -83,16 +83,20 @@ def test_table_columns_and_format():
     for cam, par, seconds in ((0.5, 0.6, 600.0), (0.6, 0.62, 720.0)):
         run = quality.table_columns(afa, {"cam": cam, "propagated": 0.4, "segmentation": 0.7, "cls_f1": 0.99,
                                           "seconds": seconds})
-        runs.append({**run, "val_par": par, "train_cam": 0.55, "train_par": 0.65, "train_propagated": 0.45})
+        runs.append({**run, "val_par": par, "val_affinity_positive": 0.9, "val_affinity_objects": 0.85,
+                     "val_affinity_negative": 0.8,
+                     "train_cam": 0.55, "train_par": 0.65, "train_propagated": 0.45})
     psa_run = quality.table_columns(psa, {"cam": 0.659, "propagated": 0.624, "segmentation": 0.670, "seconds": None})
     assert psa_run == {"train_cam": 0.659, "train_propagated": 0.624, "segmentation": 0.670, "seconds": None}
     lines = quality.format_table({"afa": runs, "psa": [psa_run]}).splitlines()
     assert lines[0] == ("| variant | seeds | CAM (val) | PAR (val) | propagated (val) | segmentation (val) | "
+                        "affinity recall + (val) | affinity recall +, objects (val) | affinity recall − (val) | "
                         "CAM (train) | PAR (train) | propagated (train) | minutes per run |")
-    assert lines[1] == "|---|---|---|---|---|---|---|---|---|---|"
+    assert lines[1] == "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     assert lines[2] == ("| afa | 2 | 0.550 ± 0.050 | 0.610 ± 0.010 | 0.400 ± 0.000 | 0.700 ± 0.000 | "
-                        "0.550 ± 0.000 | 0.650 ± 0.000 | 0.450 ± 0.000 | 11.0 ± 1.0 |")
-    assert lines[3] == "| psa | 1 | - | - | - | 0.670 | 0.659 | - | 0.624 | - |"
+                        "0.900 ± 0.000 | 0.850 ± 0.000 | 0.800 ± 0.000 | 0.550 ± 0.000 | 0.650 ± 0.000 | 0.450 ± 0.000 | "
+                        "11.0 ± 1.0 |")
+    assert lines[3] == "| psa | 1 | - | - | - | 0.670 | - | - | - | 0.659 | - | 0.624 | - |"
 
 
 def test_eval_cache_is_keyed_by_the_checkpoint_file_and_images(tmp_path):
@@ -101,10 +105,12 @@ def test_eval_cache_is_keyed_by_the_checkpoint_file_and_images(tmp_path):
     path = quality.cache_path(tmp_path, "train", "par")
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps({"miou": 0.6, "max_images": None, **quality.checkpoint_stamp(ckpt)}))
-    assert quality.read_cache(path, ckpt, None)["miou"] == 0.6
-    assert quality.read_cache(path, ckpt, 10) is None  # other images
+    assert quality.read_cache(path, ckpt, None, "par") is None  # written before miou_standard was kept
+    path.write_text(json.dumps({"miou": 0.6, "miou_standard": 0.6, "max_images": None, **quality.checkpoint_stamp(ckpt)}))
+    assert quality.read_cache(path, ckpt, None, "par")["miou"] == 0.6
+    assert quality.read_cache(path, ckpt, 10, "par") is None  # other images
     ckpt.write_bytes(b"retrained weights")
-    assert quality.read_cache(path, ckpt, None) is None  # another checkpoint at the same path
+    assert quality.read_cache(path, ckpt, None, "par") is None  # another checkpoint at the same path
 
 
 def test_eval_overrides_are_the_eval_py_command():
@@ -117,6 +123,36 @@ def test_eval_overrides_are_the_eval_py_command():
     assert "split=train" in train and "max_images=400" in train
 
 
+def test_evaluate_target_caches_the_affinity_recalls(tmp_path, monkeypatch):
+    from afa.engine import evaluate as evaluate_module
+
+    ckpt = tmp_path / "last.pt"
+    ckpt.write_bytes(b"weights")
+    calls = []
+
+    def fake_evaluate(cfg, chosen_groups):
+        calls.append((cfg.target, cfg.get("split")))
+        return {"target": "affinity", "positive_recall": 0.9, "foreground_positive_recall": 0.8,
+                "negative_recall": 0.7, "positives": 120, "foreground_positives": 40, "negatives": 30, "radius": 4,
+                "num_images": 3, "seconds": 1.5}
+
+    monkeypatch.setattr(evaluate_module, "evaluate", fake_evaluate)
+    options = type("Options", (), {"device": "cpu", "batch_size": 8, "num_workers": 1, "max_images": None,
+                                   "train_max_images": None})()
+    entry, cached = quality.evaluate_target(ckpt, tmp_path, "val", "affinity", options)
+    assert not cached and calls == [("affinity", None)] and "miou" not in entry
+    assert {k: entry[k] for k in ("positive_recall", "negative_recall", "positives", "negatives", "radius")} == {
+        "positive_recall": 0.9, "negative_recall": 0.7, "positives": 120, "negatives": 30, "radius": 4}
+    again, cached = quality.evaluate_target(ckpt, tmp_path, "val", "affinity", options)
+    assert cached and again == entry and len(calls) == 1  # from <run>/quality/val-affinity.json
+
+
+def test_afa_prior_is_the_default_run_from_the_prior():
+    variant = quality.VARIANTS["afa_prior"]
+    assert variant.overrides == ("experiment=synthetic_prior",) and not variant.psa
+    assert list(quality.VARIANTS) == ["cam_only", "no_par", "afa", "afa_prior", "psa"]
+
+
 def test_main_reuses_runs_and_writes_the_table(tmp_path, monkeypatch, capsys):
     for seed in (0, 1):
         write_run(tmp_path, "psa", seed, PSA_LOG)
@@ -126,15 +162,20 @@ def test_main_reuses_runs_and_writes_the_table(tmp_path, monkeypatch, capsys):
 
     def fake_evaluate(checkpoint, run_dir, split, target, options):
         targets.append((split, target))
+        if target == "affinity":
+            return {"positive_recall": 0.9, "foreground_positive_recall": 0.8, "negative_recall": 0.7,
+                    "seconds": 1.0}, False
         return {"miou": 0.5, "seconds": 1.0}, False
 
     monkeypatch.setattr(quality, "evaluate_target", fake_evaluate)
     monkeypatch.setattr(sys, "argv", ["quality.py", "--seeds", "0", "1", "--variants", "cam_only", "psa",
                                       "--out", str(tmp_path)])
     quality.main()
-    assert targets == [("val", "par"), ("train", "cam"), ("train", "par"), ("train", "propagated")] * 2
+    assert targets == [("val", "par"), ("val", "affinity"), ("train", "cam"), ("train", "par"),
+                       ("train", "propagated")] * 2  # none for psa
     table = (tmp_path / "quality.md").read_text()
     assert "| cam_only | 2 | 0.585 ± 0.005 | 0.500 ± 0.000 |" in table and "| psa | 2 | - | - | - | 0.670 ± 0.000 |" in table
+    assert "| 0.639 ± 0.000 | 0.900 ± 0.000 | 0.800 ± 0.000 | 0.700 ± 0.000 | 0.500 ± 0.000 |" in table  # segmentation, recalls, train
     assert table.splitlines()[2] in capsys.readouterr().out
     saved = json.loads((tmp_path / "quality.json").read_text())
     assert saved["variants"]["cam_only"]["overrides"] == ["method.switch_iters=800", "method.loss.aff_weight=0"]
