@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
         optimizer.step()
         scheduler.step()
         iteration += 1
-        progress.set_postfix({key: f"{float(value):.3f}" for key, value in terms.items()})
+        progress.set_postfix({key: f"{value.item():.3f}" for key, value in terms.items()})
         if iteration % args.eval_every == 0 or iteration == args.iterations:
             metrics = evaluate(network, val_loader, device, args.radius, with_affinity=args.aff_weight > 0)
             history.append({"iteration": iteration, **metrics})
