@@ -2,9 +2,10 @@
 
 Trains the tiny MiT (the synthetic experiment's strides) with a SegFormer head on fully
 supervised segmentation of the prior's shape families (``afa.data.synthetic_prior``: its
-own seed space and classes, no marks, never the benchmark's images), plus AFA's affinity
-loss (AFA.md §6) on the attention of the last two blocks against the ground-truth pairs,
-so that, like an ImageNet-pretrained MiT, its attention groups the parts of one region.
+own seed space and classes, no marks, never the benchmark's images), plus the multi-label
+classification loss; with ``--aff-weight`` > 0 also AFA's affinity loss (AFA.md §6) on the
+attention of the last two blocks against the ground-truth pairs, which makes the attention
+group whole regions (measured: it made AFA's learned affinity worse, docs/synthetic.md).
 Writes the encoder alone in the SegFormer ``mit_*.pth`` key layout (float16), loadable by
 ``model.pretrained``, and a JSON record beside it (command, metrics on the prior's own
 validation images, time). Resumable: a checkpoint is kept in ``--work-dir``.
