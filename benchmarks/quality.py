@@ -21,8 +21,8 @@ Variants (each one `python train.py logger=none seed=k ...`, by `synthetic_runs.
 
 A run is reused, not trained again, when ``<out>/<variant>-seed<k>.log`` holds its result
 line and its checkpoint exists (``<out>/<variant>-seed<k>/checkpoints/last.pt``; PSA:
-``.../seg/checkpoints/last.pt``). Columns of the AFA variants: CAM, propagated and
-segmentation on val from the run's final validation (its log); PAR on val and CAM, PAR,
+``.../seg/checkpoints/last.pt``). Columns of the AFA variants: CAM, propagated,
+segmentation and classification F1 on val from the run's final validation (its log); PAR on val and CAM, PAR,
 propagated on train from `eval.py`'s ``evaluate()`` on the checkpoint (``target=par`` /
 ``cam`` / ``propagated``, ``split=train``, ``eval=ss``: the CAM targets use the method's CAM
 scales at the images' size, as the training validation does), and the affinity recall on
@@ -68,7 +68,7 @@ VARIANTS = {v.name: v for v in (
 # (key, header) of the table's metric columns, in order.
 COLUMNS = (
     ("val_cam", "CAM (val)"), ("val_par", "PAR (val)"), ("val_propagated", "propagated (val)"),
-    ("segmentation", "segmentation (val)"),
+    ("segmentation", "segmentation (val)"), ("cls_f1", "classification F1 (val)"),
     ("val_affinity_positive", "affinity recall + (val)"), ("val_affinity_objects", "affinity recall +, objects (val)"),
     ("val_affinity_negative", "affinity recall − (val)"),
     ("train_cam", "CAM (train)"), ("train_par", "PAR (train)"), ("train_propagated", "propagated (train)"),
@@ -209,12 +209,15 @@ def evaluate_target(checkpoint: Path, run_dir: Path, split: str, target: str,
 # ---------------------------------------------------------------------- the table
 def format_table(results: dict[str, list[dict[str, Any]]]) -> str:
     """Markdown: one row per variant, each cell mean ± half the range over its seeds ('-'
-    where the variant has no such number)."""
-    headers = ["variant", "seeds", *(header for _, header in COLUMNS), "minutes per run"]
+    where the variant has no such number); a column no run has (the train columns without
+    the train split) is left out."""
+    columns = [(key, header) for key, header in COLUMNS
+               if any(run.get(key) is not None for runs in results.values() for run in runs)]
+    headers = ["variant", "seeds", *(header for _, header in columns), "minutes per run"]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for name, runs in results.items():
         cells = [name, str(len(runs))]
-        for key in (*(key for key, _ in COLUMNS), "seconds"):
+        for key in (*(key for key, _ in columns), "seconds"):
             values = [run[key] for run in runs if run.get(key) is not None]
             if key == "seconds":
                 cells.append(mean_spread([v / 60 for v in values], 1) if values else "-")

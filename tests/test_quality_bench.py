@@ -90,13 +90,20 @@ def test_table_columns_and_format():
     assert psa_run == {"train_cam": 0.659, "train_propagated": 0.624, "segmentation": 0.670, "seconds": None}
     lines = quality.format_table({"afa": runs, "psa": [psa_run]}).splitlines()
     assert lines[0] == ("| variant | seeds | CAM (val) | PAR (val) | propagated (val) | segmentation (val) | "
+                        "classification F1 (val) | "
                         "affinity recall + (val) | affinity recall +, objects (val) | affinity recall − (val) | "
                         "CAM (train) | PAR (train) | propagated (train) | minutes per run |")
-    assert lines[1] == "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
-    assert lines[2] == ("| afa | 2 | 0.550 ± 0.050 | 0.610 ± 0.010 | 0.400 ± 0.000 | 0.700 ± 0.000 | "
+    assert lines[1] == "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    assert lines[2] == ("| afa | 2 | 0.550 ± 0.050 | 0.610 ± 0.010 | 0.400 ± 0.000 | 0.700 ± 0.000 | 0.990 ± 0.000 | "
                         "0.900 ± 0.000 | 0.850 ± 0.000 | 0.800 ± 0.000 | 0.550 ± 0.000 | 0.650 ± 0.000 | 0.450 ± 0.000 | "
                         "11.0 ± 1.0 |")
-    assert lines[3] == "| psa | 1 | - | - | - | 0.670 | - | - | - | 0.659 | - | 0.624 | - |"
+    assert lines[3] == "| psa | 1 | - | - | - | 0.670 | - | - | - | - | 0.659 | - | 0.624 | - |"
+    # Without the train split the train columns are left out, not printed empty.
+    val_only = [{key: value for key, value in run.items() if not key.startswith("train_")} for run in runs]
+    lines = quality.format_table({"afa": val_only}).splitlines()
+    assert "(train)" not in lines[0] and lines[0].endswith("| minutes per run |")
+    assert lines[2] == ("| afa | 2 | 0.550 ± 0.050 | 0.610 ± 0.010 | 0.400 ± 0.000 | 0.700 ± 0.000 | 0.990 ± 0.000 | "
+                        "0.900 ± 0.000 | 0.850 ± 0.000 | 0.800 ± 0.000 | 11.0 ± 1.0 |")
 
 
 def test_eval_cache_is_keyed_by_the_checkpoint_file_and_images(tmp_path):
