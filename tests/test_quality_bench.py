@@ -182,7 +182,8 @@ def test_main_reuses_runs_and_writes_the_table(tmp_path, monkeypatch, capsys):
                        ("train", "propagated")] * 2  # none for psa
     table = (tmp_path / "quality.md").read_text()
     assert "| cam_only | 2 | 0.585 ± 0.005 | 0.500 ± 0.000 |" in table and "| psa | 2 | - | - | - | 0.670 ± 0.000 |" in table
-    assert "| 0.639 ± 0.000 | 0.900 ± 0.000 | 0.800 ± 0.000 | 0.700 ± 0.000 | 0.500 ± 0.000 |" in table  # segmentation, recalls, train
+    # segmentation, classification F1, recalls, train
+    assert "| 0.639 ± 0.000 | 0.998 ± 0.000 | 0.900 ± 0.000 | 0.800 ± 0.000 | 0.700 ± 0.000 | 0.500 ± 0.000 |" in table
     assert table.splitlines()[2] in capsys.readouterr().out
     saved = json.loads((tmp_path / "quality.json").read_text())
     assert saved["variants"]["cam_only"]["overrides"] == ["method.switch_iters=800", "method.loss.aff_weight=0"]
