@@ -30,7 +30,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from afa.data.loaders import build_loader  # noqa: E402
-from afa.data.synthetic_prior import NUM_PRIOR_CLASSES, PRIOR_VAL_OFFSET, SyntheticPriorDataset  # noqa: E402
+from afa.data.synthetic_prior import NUM_PRIOR_CLASSES, PRIOR_STYLES, PRIOR_VAL_OFFSET, SyntheticPriorDataset  # noqa: E402
 from afa.engine.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from afa.engine.optim import poly_warmup_multiplier  # noqa: E402
 from afa.metrics import AffinityRecall, ConfusionMatrix  # noqa: E402
@@ -39,7 +39,8 @@ from afa.ops import affinity_labels_from_segmentation, affinity_loss, multilabel
 
 DEFAULT_OUT = ROOT / "weights" / "mit_tiny_synthetic_prior.pth"
 # Options a resumed run must share with the interrupted one.
-RESUME_KEYS = ("iterations", "batch_size", "lr", "weight_decay", "warmup", "aff_weight", "radius", "strides", "seed")
+RESUME_KEYS = ("iterations", "batch_size", "lr", "weight_decay", "warmup", "aff_weight", "radius", "strides", "seed",
+               "style")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,6 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "segmentation only, the shipped prior's setting; docs/synthetic.md measures 1)")
     parser.add_argument("--radius", type=int, default=None,
                         help="affinity window radius on the grid (default: the whole grid, every pair)")
+    parser.add_argument("--style", choices=PRIOR_STYLES, default="plain",
+                        help="the prior images' style (afa.data.synthetic_prior): plain, the shipped prior's, or "
+                             "parts, objects of differently coloured sides")
     parser.add_argument("--strides", type=int, nargs=4, default=[4, 2, 1, 1], help="the synthetic experiment's")
     parser.add_argument("--val-images", type=int, default=500)
     parser.add_argument("--eval-every", type=int, default=500)
@@ -139,8 +143,9 @@ def main(argv: list[str] | None = None) -> dict:
                          "delete it or pass another --work-dir")
     start = state["iteration"] if state is not None else 0
     # Image i of the stream is always image i: a resumed run sees the images the interrupted one would have.
-    train = SyntheticPriorDataset(start=start * args.batch_size, length=(args.iterations - start) * args.batch_size)
-    val = SyntheticPriorDataset(start=PRIOR_VAL_OFFSET, length=args.val_images)
+    train = SyntheticPriorDataset(start=start * args.batch_size, length=(args.iterations - start) * args.batch_size,
+                                  style=args.style)
+    val = SyntheticPriorDataset(start=PRIOR_VAL_OFFSET, length=args.val_images, style=args.style)
     train_loader = build_loader(train, batch_size=args.batch_size, num_workers=args.workers, persistent_workers=False)
     val_loader = build_loader(val, batch_size=32, num_workers=args.workers, persistent_workers=False)
     batches = iter(train_loader)  # before the RNG is restored: creating it draws from torch's RNG

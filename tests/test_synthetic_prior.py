@@ -28,10 +28,10 @@ REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = REPO / "weights" / "mit_tiny_synthetic_prior.pth"
 
 
-def mark_like(image: np.ndarray) -> np.ndarray:
+def mark_like(image: np.ndarray, least: float = 0.6) -> np.ndarray:
     """Pixels as saturated and bright as a benchmark mark (its colours: saturation and value 0.8-1)."""
     hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)
-    return (hsv[..., 1] >= 0.6 * 255) & (hsv[..., 2] >= 0.6 * 255)
+    return (hsv[..., 1] >= least * 255) & (hsv[..., 2] >= least * 255)
 
 
 def test_shipped_prior_loads_strictly_through_its_experiment():
@@ -56,18 +56,44 @@ def test_prior_shares_no_class_seed_or_image_with_the_benchmark():
     # Benchmark keys are [seed, split, index]; prior keys have four words.
     assert len(prior_seed(0)) == 4 and len(image_seed(0, "train", 0)) == 3
     benchmark = {generate_split_image(0, split, i).image.tobytes() for split in SPLIT_CODES for i in range(30)}
-    prior = [generate_prior_image(i) for i in (*range(60), *range(PRIOR_VAL_OFFSET, PRIOR_VAL_OFFSET + 20))]
+    prior = [generate_prior_image(i, style=style) for style in ("plain", "parts")
+             for i in (*range(60), *range(PRIOR_VAL_OFFSET, PRIOR_VAL_OFFSET + 20))]
     assert not benchmark & {sample.image.tobytes() for sample in prior}
 
 
+def class_hue_distance(image: np.ndarray, pixels: np.ndarray) -> np.ndarray:
+    """Each selected pixel's hue distance (fraction of the circle) to the nearest mark hue k/8."""
+    hue = cv2.cvtColor(image, cv2.COLOR_RGB2HSV_FULL)[..., 0][pixels].astype(np.float64) / 256.0
+    return np.abs((hue[:, None] - np.arange(8) / 8 + 0.5) % 1.0 - 0.5).min(axis=1)
+
+
 def test_prior_images_hold_no_marks():
-    marked = [mark_like(generate_split_image(0, "val", i).image).sum() for i in range(20)]
-    assert min(marked) > 10  # the detector finds every benchmark image's mark
+    benchmark = [generate_split_image(0, "val", i).image for i in range(20)]
+    assert min(mark_like(image).sum() for image in benchmark) > 10  # the detector finds every benchmark image's mark
     for index in range(80):
         sample = generate_prior_image(index)
         assert mark_like(sample.image).sum() == 0, index
         assert set(np.unique(sample.mask)) <= set(range(NUM_PRIOR_CLASSES + 1)) | {255}
         assert sample.classes and set(sample.classes) == set(np.unique(sample.mask)) - {0, 255}
+
+
+def test_parts_style_colours_are_never_a_marks_colour():
+    # A mark's own pixels (saturation and value >= 0.8) lie within 0.025 of its class hue.
+    marks = np.concatenate([class_hue_distance(image, mark_like(image, 0.8))
+                            for image in (generate_split_image(0, "val", i).image for i in range(40))])
+    assert marks.size > 1000 and marks.max() < 0.025
+    saturated, shown = [], 0
+    for index in (*range(80), *range(PRIOR_VAL_OFFSET, PRIOR_VAL_OFFSET + 20)):
+        sample = generate_prior_image(index, style="parts")
+        pixels = mark_like(sample.image)
+        saturated.append(class_hue_distance(sample.image, pixels))
+        shown += bool(pixels.any())
+        assert sample.classes and set(sample.classes) == set(np.unique(sample.mask)) - {0, 255}
+    assert shown > 40  # the style does paint saturated parts, as bright as marks
+    assert np.concatenate(saturated).min() >= 0.04  # halfway between two mark hues, give or take 0.02
+    assert not np.array_equal(generate_prior_image(3, style="parts").image, generate_prior_image(3).image)
+    with pytest.raises(ValueError, match="plain, parts"):
+        generate_prior_image(0, style="marks")
 
 
 def test_prior_images_are_a_function_of_their_index():

@@ -12,8 +12,13 @@ or images:
   four-word key that no three-word benchmark key ``[seed, split, index]`` equals;
 - its own classes (shape families; the benchmark's classes are mark hues, and its bodies
   are superellipses of any class);
-- no marks and nothing saturated: colours stay at most ``PRIOR_MAX_SATURATION`` from grey,
-  while every benchmark mark has saturation 0.8-1 (tested).
+- no marks. In the ``plain`` style nothing is saturated: colours stay at most
+  ``PRIOR_MAX_SATURATION`` from grey, while every benchmark mark has saturation 0.8-1. The
+  ``parts`` style paints shapes as objects of differently coloured parts (a shape cut in two
+  by a line, each side its own appearance, some saturated), so that what groups a
+  multi-coloured object is learned as ImageNet teaches it; its saturated colours take hues
+  halfway between the benchmark's mark hues (``PRIOR_PART_HUES``), never a class's hue, and
+  a part is a side of a cut, never a small shape inside another (the hues are tested).
 
 Used by ``benchmarks/pretrain_tiny.py``, which writes the shipped
 ``weights/mit_tiny_synthetic_prior.pth`` (docs/synthetic.md).
@@ -47,6 +52,12 @@ _PRIOR_WORD = 0x5052494F
 PRIOR_VAL_OFFSET = 1 << 30  # validation images: indices from here, never drawn for training
 PRIOR_MAX_SATURATION = 0.35
 PRIOR_IMAGE_SIZE = 128
+PRIOR_STYLES = ("plain", "parts")
+# Saturated part colours of the parts style: halfway between the benchmark's mark hues (k/8),
+# jittered by at most PRIOR_PART_HUE_JITTER, so 1/16 - 0.02 = 0.0425 of the circle from any
+# class hue (a mark's own jitter is 0.015).
+PRIOR_PART_HUES = (np.arange(8, dtype=np.float32) + 0.5) / 8
+PRIOR_PART_HUE_JITTER = 0.02
 
 
 def prior_seed(index: int) -> list[int]:
@@ -104,9 +115,47 @@ def _appearance(rng: np.random.Generator, shape: tuple[int, int], background_val
     return base + luminance + grain
 
 
-def generate_prior_image(index: int, size: int = PRIOR_IMAGE_SIZE) -> PriorImage:
+def _saturated_appearance(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
+    """A saturated region's colour (H, W, 3) at a hue between the mark hues, shaded, grained."""
+    height, width = shape
+    hue = PRIOR_PART_HUES[int(rng.integers(0, len(PRIOR_PART_HUES)))] + rng.uniform(
+        -PRIOR_PART_HUE_JITTER, PRIOR_PART_HUE_JITTER)
+    base = hsv_to_rgb(np.array([hue, rng.uniform(0.5, 0.95), rng.uniform(0.55, 0.9)], np.float32))
+    rows, cols = np.mgrid[0:height, 0:width].astype(np.float32)
+    angle = rng.uniform(0, 2 * np.pi)
+    ramp = (cols * np.cos(angle) + rows * np.sin(angle)) / max(height, width)
+    # Shading scales the colour (not added grey), so the hue stays where it was drawn.
+    shade = 1.0 + rng.uniform(-0.1, 0.1) * ramp[..., None] + rng.normal(0.0, 0.01, (height, width, 1))
+    return base * shade.astype(np.float32)
+
+
+def _parts_fill(rng: np.random.Generator, u: np.ndarray, v: np.ndarray, minor: float,
+                background_value: float) -> np.ndarray:
+    """The parts style's fill (H, W, 3): saturated or plain, and in 70 % of shapes cut by a
+    line near the centre into two sides of different appearance. The cut is sharp: a blend
+    of two saturated hues would pass through the mark hue between them."""
+    shape = u.shape
+
+    def appearance(saturated_share: float) -> np.ndarray:
+        if rng.random() < saturated_share:
+            return _saturated_appearance(rng, shape)
+        return _appearance(rng, shape, background_value)
+
+    fill = appearance(0.3)
+    if rng.random() < 0.7:
+        angle = rng.uniform(0, np.pi)
+        side = u * np.cos(angle) + v * np.sin(angle) > rng.uniform(-0.3, 0.3) * minor
+        fill = np.where(side[..., None], appearance(0.6), fill)
+    return fill
+
+
+def generate_prior_image(index: int, size: int = PRIOR_IMAGE_SIZE, style: str = "plain") -> PriorImage:
     """Prior image ``index``: 1-4 shapes (later ones on top, each earlier one at least 40 %
-    visible), a benchmark-like background, ignore boundaries as VOC."""
+    visible), a benchmark-like background, ignore boundaries as VOC. ``style``: ``plain``
+    (one low-saturation appearance per shape, the shipped prior's) or ``parts`` (objects of
+    two differently coloured sides, some saturated; the module's docstring)."""
+    if style not in PRIOR_STYLES:
+        raise ValueError(f"prior style {style!r}: one of {', '.join(PRIOR_STYLES)}")
     rng = np.random.default_rng(prior_seed(index))
     canvas, background_value = _background(rng, size, size, DEFAULT_SPEC)
     family_map = np.zeros((size, size), np.uint8)
@@ -130,7 +179,9 @@ def generate_prior_image(index: int, size: int = PRIOR_IMAGE_SIZE) -> PriorImage
             visible = np.bincount(instance_map.ravel(), minlength=len(areas) + 1)[1:] - covered
             if (visible < 0.4 * np.asarray(areas, float)).any():
                 continue
-            canvas[shape] = _appearance(rng, (size, size), background_value)[shape]
+            fill = (_appearance(rng, (size, size), background_value) if style == "plain"
+                    else _parts_fill(rng, u, v, minor, background_value))
+            canvas[shape] = fill[shape]
             family_map[shape] = family
             areas.append(int(shape.sum()))
             instance_map[shape] = len(areas)
@@ -157,16 +208,17 @@ class SyntheticPriorDataset(Dataset):
     Args:
         start: index of the first image (0 for training, PRIOR_VAL_OFFSET for validation).
         length: number of images.
+        style: ``plain`` or ``parts`` (:func:`generate_prior_image`).
     """
 
-    def __init__(self, start: int = 0, length: int = 1_000_000) -> None:
-        self.start, self.length = start, length
+    def __init__(self, start: int = 0, length: int = 1_000_000, style: str = "plain") -> None:
+        self.start, self.length, self.style = start, length, style
 
     def __len__(self) -> int:
         return self.length
 
     def __getitem__(self, item: int) -> dict[str, torch.Tensor]:
-        sample = generate_prior_image(self.start + item)
+        sample = generate_prior_image(self.start + item, style=self.style)
         labels = torch.zeros(NUM_PRIOR_CLASSES)
         labels[[c - 1 for c in sample.classes]] = 1.0
         return {"image": normalize_to_tensor(sample.image), "mask": torch.from_numpy(sample.mask.astype(np.int64)),
