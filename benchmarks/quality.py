@@ -7,6 +7,7 @@ prior, and the PSA mode, over seeds.
     python benchmarks/quality.py --variants cam_only no_par --out runs/quality
     python benchmarks/quality.py --seeds 0 --variants afa --no-train-split   # val columns only
     python benchmarks/quality.py --finished-only --train-max-images 400      # a table of the runs already done
+    python benchmarks/quality.py --variants afa_prior --prior runs/exp/prior_parts.pth --out runs/qparts  # another prior
 
 Variants (each one `python train.py logger=none seed=k ...`, by `synthetic_runs.run_one`):
 
@@ -242,17 +243,24 @@ def main() -> None:
                         help="score only the first N images of each split (a smoke run; not the benchmark's numbers)")
     parser.add_argument("--train-max-images", type=int, default=None,
                         help="score only the first N train images (the train columns on a subset; val stays whole)")
+    parser.add_argument("--prior", type=Path, default=None,
+                        help="weights for afa_prior (model.pretrained) instead of the shipped prior, e.g. one made by "
+                             "benchmarks/pretrain_tiny.py --style parts; give such runs their own --out")
     parser.add_argument("--finished-only", action="store_true",
                         help="train nothing: the table of the runs already finished in --out (missing ones are listed)")
     options = parser.parse_args()
     out: Path = options.out
     out.mkdir(parents=True, exist_ok=True)
     evals = {**VAL_EVALS, **(TRAIN_EVALS if options.train_split else {})}
+    variants = dict(VARIANTS)
+    if options.prior is not None:
+        variants["afa_prior"] = Variant("afa_prior", (*VARIANTS["afa_prior"].overrides,
+                                                      f"model.pretrained={options.prior.resolve()}"))
 
     results: dict[str, list[dict[str, Any]]] = {}
     missing: list[str] = []
     for name in options.variants:
-        variant = VARIANTS[name]
+        variant = variants[name]
         for seed in options.seeds:
             log, run_dir, checkpoint = run_paths(out, variant, seed)
             if options.finished_only and finished_run(out, variant, seed) is None:
@@ -282,13 +290,14 @@ def main() -> None:
             + ("" if options.max_images is None else f" Eval targets on the first {options.max_images} images only.")
             + ("" if options.train_max_images is None or not options.train_split
                else f" Train columns on the first {options.train_max_images} train images.")
+            + ("" if options.prior is None else f" afa_prior starts from {options.prior}.")
             + ("" if not missing else " Not run: " + ", ".join(missing) + "."))
     (out / "quality.md").write_text(table + "\n\n" + note + "\n")
     (out / "quality.json").write_text(json.dumps({
         "seeds": options.seeds, "train_split": options.train_split, "max_images": options.max_images,
         "train_max_images": options.train_max_images, "missing": missing,
         "columns": dict(COLUMNS),
-        "variants": {name: {"overrides": list(VARIANTS[name].overrides), "runs": runs} for name, runs in results.items()},
+        "variants": {name: {"overrides": list(variants[name].overrides), "runs": runs} for name, runs in results.items()},
     }, indent=2))
     print(table)
     print(note)

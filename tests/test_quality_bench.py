@@ -190,6 +190,26 @@ def test_main_reuses_runs_and_writes_the_table(tmp_path, monkeypatch, capsys):
     assert [run["reused"] for run in saved["variants"]["psa"]["runs"]] == [True, True]
 
 
+def test_prior_option_starts_afa_prior_from_other_weights(tmp_path, monkeypatch):
+    trained = []
+
+    def fake_run_one(name, overrides, seed, out):
+        trained.append((name, overrides))
+        write_run(out, name, seed, AFA_LOG.format(run="r", cam=0.5))
+        return {"seconds": 60.0}
+
+    monkeypatch.setattr(quality, "run_one", fake_run_one)
+    scores = {"miou": 0.5, "positive_recall": 0.9, "foreground_positive_recall": 0.8, "negative_recall": 0.7}
+    monkeypatch.setattr(quality, "evaluate_target", lambda *args: ({**scores, "seconds": 1.0}, False))
+    weights = tmp_path / "other.pth"
+    monkeypatch.setattr(sys, "argv", ["quality.py", "--seeds", "0", "--variants", "afa_prior", "--prior", str(weights),
+                                      "--no-train-split", "--out", str(tmp_path)])
+    quality.main()
+    assert trained == [("afa_prior", ["experiment=synthetic_prior", f"model.pretrained={weights.resolve()}"])]
+    assert f"afa_prior starts from {weights}." in (tmp_path / "quality.md").read_text()
+    assert quality.VARIANTS["afa_prior"].overrides == ("experiment=synthetic_prior",)  # the module's stays
+
+
 def test_finished_only_tables_what_is_there_and_names_the_rest(tmp_path, monkeypatch):
     write_run(tmp_path, "psa", 0, PSA_LOG)
     monkeypatch.setattr(quality, "run_one", lambda *args: pytest.fail("--finished-only trained a run"))
