@@ -6,6 +6,8 @@ own seed space and classes, no marks, never the benchmark's images), plus the mu
 classification loss; with ``--aff-weight`` > 0 also AFA's affinity loss (AFA.md §6) on the
 attention of the last two blocks against the ground-truth pairs, which makes the attention
 group whole regions (measured: it made AFA's learned affinity worse, docs/synthetic.md).
+``--style parts`` pretrains on objects of two differently coloured, partly saturated sides
+instead (measured: AFA from it is worse than from the shipped plain-style prior).
 Writes the encoder alone in the SegFormer ``mit_*.pth`` key layout (float16), loadable by
 ``model.pretrained``, and a JSON record beside it (command, metrics on the prior's own
 validation images, time). Resumable: a checkpoint is kept in ``--work-dir``.

@@ -19,6 +19,7 @@ or images:
   multi-coloured object is learned as ImageNet teaches it; its saturated colours take hues
   halfway between the benchmark's mark hues (``PRIOR_PART_HUES``), never a class's hue, and
   a part is a side of a cut, never a small shape inside another (the hues are tested).
+  AFA starts worse from a parts-style prior than from the plain one (docs/synthetic.md).
 
 Used by ``benchmarks/pretrain_tiny.py``, which writes the shipped
 ``weights/mit_tiny_synthetic_prior.pth`` (docs/synthetic.md).
