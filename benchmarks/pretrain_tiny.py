@@ -6,6 +6,8 @@ own seed space and classes, no marks, never the benchmark's images), plus the mu
 classification loss; with ``--aff-weight`` > 0 also AFA's affinity loss (AFA.md §6) on the
 attention of the last two blocks against the ground-truth pairs, which makes the attention
 group whole regions (measured: it made AFA's learned affinity worse, docs/synthetic.md).
+``--colour-weight`` adds a loss that reads each last-stage cell's mean input colour back from
+its features, so that colour, which segmenting shape families does not need, stays in them.
 ``--style parts`` pretrains on objects of two differently coloured, partly saturated sides
 instead (measured: AFA from it is worse than from the shipped plain-style prior).
 Writes the encoder alone in the SegFormer ``mit_*.pth`` key layout (float16), loadable by
@@ -27,6 +29,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +45,7 @@ from afa.ops import affinity_labels_from_segmentation, affinity_loss, multilabel
 DEFAULT_OUT = ROOT / "weights" / "mit_tiny_synthetic_prior.pth"
 # Options a resumed run must share with the interrupted one.
 RESUME_KEYS = ("iterations", "batch_size", "lr", "weight_decay", "warmup", "aff_weight", "radius", "strides", "seed",
-               "style")
+               "style", "colour_weight")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -60,6 +63,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--style", choices=PRIOR_STYLES, default="plain",
                         help="the prior images' style (afa.data.synthetic_prior): plain, the shipped prior's, or "
                              "parts, objects of differently coloured sides")
+    parser.add_argument("--colour-weight", type=float, default=0.0,
+                        help="weight of an auxiliary loss that reads each last-stage cell's mean input colour "
+                             "back from its features (a 1x1 conv, MSE), keeping colour in the deepest features "
+                             "(0: off, the shipped prior's setting; docs/synthetic.md measures 1)")
     parser.add_argument("--strides", type=int, nargs=4, default=[4, 2, 1, 1], help="the synthetic experiment's")
     parser.add_argument("--val-images", type=int, default=500)
     parser.add_argument("--eval-every", type=int, default=500)
@@ -79,10 +86,24 @@ def affinity_targets(masks: torch.Tensor, network: AFANetwork, radius: int | Non
     return affinity_labels_from_segmentation(masks, grid, radius=max(grid) if radius is None else radius)
 
 
-def losses(network: AFANetwork, batch: dict[str, torch.Tensor], aff_weight: float,
-           radius: int | None) -> dict[str, torch.Tensor]:
-    """Segmentation CE + classification + aff_weight · affinity loss of one batch."""
-    output = network(batch["image"], with_affinity=aff_weight > 0)
+def colour_loss(head: nn.Module, last_features: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """MSE between ``head`` on the last stage (B, D, h, w) and each cell's mean input colour
+    (the normalised images (B, 3, H, W) average-pooled to h × w)."""
+    return F.mse_loss(head(last_features), F.adaptive_avg_pool2d(images, last_features.shape[-2:]))
+
+
+def losses(network: AFANetwork, batch: dict[str, torch.Tensor], aff_weight: float, radius: int | None,
+           colour_head: nn.Module | None = None, colour_weight: float = 0.0) -> dict[str, torch.Tensor]:
+    """Segmentation CE + classification + aff_weight · affinity loss (+ colour_weight · colour
+    loss with a ``colour_head``) of one batch."""
+    last: list[torch.Tensor] = []
+    hook = None if colour_head is None else network.encoder.register_forward_hook(
+        lambda module, inputs, output: last.append(output[0][-1]))
+    try:
+        output = network(batch["image"], with_affinity=aff_weight > 0)
+    finally:
+        if hook is not None:
+            hook.remove()
     logits = F.interpolate(output.seg_logits, size=batch["mask"].shape[-2:], mode="bilinear", align_corners=False)
     seg = F.cross_entropy(logits, batch["mask"], ignore_index=255)
     cls = multilabel_soft_margin_loss(output.class_logits, batch["labels"])
@@ -91,6 +112,9 @@ def losses(network: AFANetwork, batch: dict[str, torch.Tensor], aff_weight: floa
         aff, _ = affinity_loss(output.affinity, affinity_targets(batch["mask"], network, radius))
         result["aff_loss"] = aff
         result["loss"] = result["loss"] + aff_weight * aff
+    if colour_head is not None:
+        result["colour_loss"] = colour_loss(colour_head, last[0], batch["image"])
+        result["loss"] = result["loss"] + colour_weight * result["colour_loss"]
     return result
 
 
@@ -113,10 +137,11 @@ def evaluate(network: AFANetwork, loader, device: torch.device, radius: int | No
     return {"miou": float(matrix.compute()["miou"]), **affinity}
 
 
-def parameter_groups(network: AFANetwork, weight_decay: float) -> list[dict]:
+def parameter_groups(modules: list[nn.Module], weight_decay: float) -> list[dict]:
     """Weight decay on weight matrices and kernels only (not on biases and norms)."""
-    decay = [p for p in network.parameters() if p.ndim >= 2]
-    no_decay = [p for p in network.parameters() if p.ndim < 2]
+    parameters = [p for module in modules for p in module.parameters()]
+    decay = [p for p in parameters if p.ndim >= 2]
+    no_decay = [p for p in parameters if p.ndim < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -135,7 +160,10 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     network = build_afa_network("tiny", NUM_PRIOR_CLASSES, strides=tuple(args.strides)).to(device).train()
-    optimizer = torch.optim.AdamW(parameter_groups(network, args.weight_decay), lr=args.lr)
+    # The colour readout trains with the encoder and is dropped with the other heads.
+    colour_head = nn.Conv2d(network.classifier.weight.shape[1], 3, 1).to(device) if args.colour_weight > 0 else None
+    trained = [network] if colour_head is None else [network, colour_head]
+    optimizer = torch.optim.AdamW(parameter_groups(trained, args.weight_decay), lr=args.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: poly_warmup_multiplier(step, args.iterations, args.warmup))
     checkpoint_path = args.work_dir / "last.pt"
@@ -154,6 +182,8 @@ def main(argv: list[str] | None = None) -> dict:
     elapsed, history = 0.0, []
     if state is not None:
         network.load_state_dict(state["network"])
+        if colour_head is not None:
+            colour_head.load_state_dict(state["colour_head"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])  # stochastic depth draws as in an uninterrupted run
@@ -164,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
     progress = tqdm(batches, total=args.iterations, initial=start, desc="pretrain", dynamic_ncols=True, mininterval=10)
     for batch in progress:
         batch = {key: value.to(device) for key, value in batch.items()}
-        terms = losses(network, batch, args.aff_weight, args.radius)
+        terms = losses(network, batch, args.aff_weight, args.radius, colour_head, args.colour_weight)
         if not torch.isfinite(terms["loss"]):
             raise SystemExit(f"non-finite loss at iteration {iteration}: lower --lr")
         optimizer.zero_grad(set_to_none=True)
@@ -182,6 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
         if iteration % args.checkpoint_every == 0 and iteration < args.iterations:
             save_checkpoint(checkpoint_path, {
                 "network": network.state_dict(), "optimizer": optimizer.state_dict(),
+                **({} if colour_head is None else {"colour_head": colour_head.state_dict()}),
                 "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "iteration": iteration,
                 "elapsed": time.perf_counter() - started, "history": history,
                 "args": {key: getattr(args, key) for key in RESUME_KEYS},
