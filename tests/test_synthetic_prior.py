@@ -112,13 +112,15 @@ def _pretrain(tmp_path: Path, work: str, *extra: str) -> dict:
                                "--work-dir", str(tmp_path / work), *extra])
 
 
-def test_pretraining_writes_loadable_weights_and_resumes_bit_identically(tmp_path, monkeypatch):
+@pytest.mark.parametrize("extra", [(), ("--colour-weight", "1")], ids=["plain", "colour"])
+def test_pretraining_writes_loadable_weights_and_resumes_bit_identically(tmp_path, monkeypatch, extra):
     from benchmarks import pretrain_tiny
 
-    record = _pretrain(tmp_path, "whole")
+    record = _pretrain(tmp_path, "whole", *extra)
     assert [entry["iteration"] for entry in record["history"]] == [2, 4] and "positive_recall" not in record["prior_val"]
-    with_affinity = _pretrain(tmp_path, "affinity", "--aff-weight", "1", "--iterations", "2")
-    assert 0 <= with_affinity["prior_val"]["negative_recall"] <= 1
+    if not extra:
+        with_affinity = _pretrain(tmp_path, "affinity", "--aff-weight", "1", "--iterations", "2")
+        assert 0 <= with_affinity["prior_val"]["negative_recall"] <= 1
     load_pretrained_encoder(build_mit("tiny"), tmp_path / "whole" / "prior.pth")
 
     calls = {"n": 0}
@@ -132,12 +134,26 @@ def test_pretraining_writes_loadable_weights_and_resumes_bit_identically(tmp_pat
 
     monkeypatch.setattr(pretrain_tiny, "losses", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        _pretrain(tmp_path, "resumed", "--checkpoint-every", "2")
+        _pretrain(tmp_path, "resumed", "--checkpoint-every", "2", *extra)
     assert (tmp_path / "resumed" / "last.pt").is_file()
     monkeypatch.setattr(pretrain_tiny, "losses", original)
     with pytest.raises(SystemExit, match="other options"):
-        _pretrain(tmp_path, "resumed", "--checkpoint-every", "2", "--lr", "0.5")
-    _pretrain(tmp_path, "resumed", "--checkpoint-every", "2")
+        _pretrain(tmp_path, "resumed", "--checkpoint-every", "2", "--lr", "0.5", *extra)
+    _pretrain(tmp_path, "resumed", "--checkpoint-every", "2", *extra)
     whole, resumed = (read_state_dict(tmp_path / name / "prior.pth") for name in ("whole", "resumed"))
     assert all(torch.equal(whole[key], resumed[key]) for key in whole)
     assert not (tmp_path / "resumed" / "last.pt").exists()  # removed once the weights are written
+
+
+def test_colour_loss_reads_the_cells_mean_colour():
+    from benchmarks.pretrain_tiny import colour_loss
+
+    images = torch.randn(2, 3, 16, 16)
+    means = torch.nn.functional.avg_pool2d(images, 8)  # (2, 3, 2, 2)
+    features = torch.cat([means, torch.zeros(2, 5, 2, 2)], dim=1)  # the colour in the first 3 of 8 channels
+    head = torch.nn.Conv2d(8, 3, 1, bias=False)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.weight[:, :3, 0, 0] = torch.eye(3)
+    assert colour_loss(head, features, images).item() < 1e-12
+    assert colour_loss(head, torch.zeros_like(features), images).item() == pytest.approx(means.pow(2).mean().item())
