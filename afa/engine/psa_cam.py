@@ -55,13 +55,17 @@ class CAMStageOutput:
     """One batch's outputs (same-size images).
 
     Attributes:
-        cam_label: (B, H, W) int64, the CAM label with the constant background score.
-        affinity_label: (B, h, w) int64 on the grid: 0, 1..C, or IGN.
+        cams: (B, C, H, W) the multi-scale CAMs (§1).
+        cam_label: (B, H, W) int64, the CAM label with the constant background score; None
+            when not asked for.
+        affinity_label: (B, h, w) int64 on the grid: 0, 1..C, or IGN; None when the CRF is
+            left to the caller.
         walk_scores: (B, 1 + C, h, w) float32 X of §5 (absent classes 0).
     """
 
-    cam_label: Tensor
-    affinity_label: Tensor
+    cams: Tensor
+    cam_label: Tensor | None
+    affinity_label: Tensor | None
     walk_scores: Tensor
 
 
@@ -116,19 +120,24 @@ def crf_region_label(job: CRFJob, refined: np.ndarray, labels: Tensor, options: 
 
 
 @torch.no_grad()
-def cam_stage_outputs(network: AFANetwork, images: Tensor, labels: Tensor, options: CAMStageOptions) -> CAMStageOutput:
-    """The CAM stage's outputs for a batch of same-size images with their image labels (the
-    CRF, when on, inline image by image; `write_cam_stage` runs it on worker processes)."""
+def cam_stage_outputs(network: AFANetwork, images: Tensor, labels: Tensor, options: CAMStageOptions,
+                      inline_crf: bool = True, with_cam_label: bool = True) -> CAMStageOutput:
+    """The CAM stage's outputs for a batch of same-size images with their image labels. With
+    the CRF on, ``inline_crf`` runs it here image by image; otherwise the affinity label is
+    left to the caller (`write_cam_stage` runs the CRF on worker processes)."""
     cams = psa_multi_scale_cams(network.forward_cam, images, labels, options.scales, options.flip)
     if options.crf is None:
         affinity_label = confident_region_label(cams, labels, options.alpha_low, options.alpha_high)
-    else:
+    elif inline_crf:
         affinity_label = torch.stack([
             crf_region_label(job, crf_score_pair(job.pixels, job.scores, options.crf), labels[k], options)
             for k, job in enumerate(crf_jobs(images, cams, labels, options))
         ]).to(cams.device)
+    else:
+        affinity_label = None
     return CAMStageOutput(
-        cam_label=cam_to_label(cams, labels, options.cam_label_bkg_score),
+        cams=cams,
+        cam_label=cam_to_label(cams, labels, options.cam_label_bkg_score) if with_cam_label else None,
         affinity_label=affinity_label,
         walk_scores=cam_scores_on_grid(cams, options.alpha_walk),
     )
@@ -178,22 +187,21 @@ def write_cam_stage(network: AFANetwork, batches: Iterable[dict], out_dir: Path,
     try:
         for batch in batches:
             images, labels = batch["image"].to(device), batch["labels"].to(device)
-            with torch.no_grad():
-                cams = psa_multi_scale_cams(network.forward_cam, images, labels, options.scales, options.flip)
-                if "mask" in batch:
-                    matrix.update(cam_to_label(cams, labels, options.cam_label_bkg_score), batch["mask"].to(device))
-                    carried_masks = True
-                walk_scores, labels_host = cam_scores_on_grid(cams, options.alpha_walk).cpu(), labels.cpu()
-                if pool is None:
-                    grid_labels = confident_region_label(cams, labels, options.alpha_low, options.alpha_high)
-                    for name, grid_label in zip(batch["name"], grid_labels.cpu().numpy().astype(np.uint8)):
-                        write_index_mask(out_dir / AFFINITY_LABELS / f"{name}.png", grid_label)
-                else:
-                    for k, job in enumerate(crf_jobs(images, cams, labels, options)):
-                        for done in pool.submit((batch["name"][k], job, labels_host[k]), job.pixels, job.scores):
-                            finish(*done)
-                    for done in pool.completed():
+            output = cam_stage_outputs(network, images, labels, options, inline_crf=False,
+                                       with_cam_label="mask" in batch)
+            if "mask" in batch:
+                matrix.update(output.cam_label, batch["mask"].to(device))
+                carried_masks = True
+            walk_scores, labels_host = output.walk_scores.cpu(), labels.cpu()
+            if pool is None:
+                for name, grid_label in zip(batch["name"], output.affinity_label.cpu().numpy().astype(np.uint8)):
+                    write_index_mask(out_dir / AFFINITY_LABELS / f"{name}.png", grid_label)
+            else:
+                for k, job in enumerate(crf_jobs(images, output.cams, labels, options)):
+                    for done in pool.submit((batch["name"][k], job, labels_host[k]), job.pixels, job.scores):
                         finish(*done)
+                for done in pool.completed():
+                    finish(*done)
             for k, name in enumerate(batch["name"]):
                 save_walk_scores(out_dir / WALK_SCORES / f"{name}.npz", walk_scores[k], labels_host[k])
         if pool is not None:
