@@ -157,3 +157,15 @@ def test_colour_loss_reads_the_cells_mean_colour():
         head.weight[:, :3, 0, 0] = torch.eye(3)
     assert colour_loss(head, features, images).item() < 1e-12
     assert colour_loss(head, torch.zeros_like(features), images).item() == pytest.approx(means.pow(2).mean().item())
+
+
+def test_attention_scale_shows_the_shipped_prior_saturating_the_affinity(capsys):
+    from benchmarks import attention_scale
+
+    lines = attention_scale.main([str(WEIGHTS), "--images", "2"])
+    assert lines[2].startswith("| random weights |") and lines[3].startswith(f"| {WEIGHTS} |")
+    random_start = attention_scale.attention_scale(None, torch.randn(1, 3, 128, 128))
+    assert random_start["logit_std"] < 5 and random_start["p_below_0.01"] + random_start["p_above_0.99"] < 0.1
+    rows = [[float(cell) for cell in line.strip("|").split("|")[1:]] for line in lines[2:]]
+    assert rows[1][0] > 10 * rows[0][0] and rows[1][2] + rows[1][3] > 0.5  # docs/synthetic.md: std 47.8 vs 0.57
+    assert capsys.readouterr().out.splitlines()[:2] == lines[:2]
