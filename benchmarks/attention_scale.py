@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from afa.data.synthetic import generate_split_image  # noqa: E402
 from afa.data.transforms import normalize_to_tensor  # noqa: E402
 from afa.models.network import build_afa_network  # noqa: E402
+from afa.models.weights import CheckpointError  # noqa: E402
 
 
 @torch.no_grad()
@@ -47,7 +48,10 @@ def main(argv: list[str] | None = None) -> list[str]:
                           for i in range(args.images)])
     lines = ["| start | logit std | logit max abs | P < 0.01 | P > 0.99 |", "|---|---|---|---|---|"]
     for weights in (None, *args.weights):
-        numbers = attention_scale(weights, images, args.seed)
+        try:
+            numbers = attention_scale(weights, images, args.seed)
+        except CheckpointError as error:
+            raise SystemExit(f"error: {error}") from None
         lines.append(f"| {'random weights' if weights is None else weights} | {numbers['logit_std']:.2f} | "
                      f"{numbers['logit_absmax']:.1f} | {numbers['p_below_0.01']:.3f} | {numbers['p_above_0.99']:.3f} |")
     print("\n".join(lines))

@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
         optimizer, lambda step: poly_warmup_multiplier(step, args.iterations, args.warmup))
     checkpoint_path = args.work_dir / "last.pt"
     state = load_checkpoint(checkpoint_path) if checkpoint_path.is_file() else None
-    if state is not None and any(state["args"][key] != getattr(args, key) for key in RESUME_KEYS):
+    if state is not None and any(state["args"].get(key) != getattr(args, key) for key in RESUME_KEYS):
         raise SystemExit(f"{checkpoint_path} was written with other options ({', '.join(RESUME_KEYS)}): "
                          "delete it or pass another --work-dir")
     start = state["iteration"] if state is not None else 0

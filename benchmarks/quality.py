@@ -253,6 +253,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     evals = {**VAL_EVALS, **(TRAIN_EVALS if options.train_split else {})}
     variants = dict(VARIANTS)
+    if options.prior is not None and not options.prior.is_file():
+        raise SystemExit(f"error: --prior {options.prior} does not exist: pass a mit_*.pth file "
+                         "(benchmarks/pretrain_tiny.py writes one)")
     if options.prior is not None:
         variants["afa_prior"] = Variant("afa_prior", (*VARIANTS["afa_prior"].overrides,
                                                       f"model.pretrained={options.prior.resolve()}"))

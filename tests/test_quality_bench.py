@@ -202,6 +202,7 @@ def test_prior_option_starts_afa_prior_from_other_weights(tmp_path, monkeypatch)
     scores = {"miou": 0.5, "positive_recall": 0.9, "foreground_positive_recall": 0.8, "negative_recall": 0.7}
     monkeypatch.setattr(quality, "evaluate_target", lambda *args: ({**scores, "seconds": 1.0}, False))
     weights = tmp_path / "other.pth"
+    weights.write_bytes(b"weights")  # run_one is faked: the file is only checked to exist
     monkeypatch.setattr(sys, "argv", ["quality.py", "--seeds", "0", "--variants", "afa_prior", "--prior", str(weights),
                                       "--no-train-split", "--out", str(tmp_path)])
     quality.main()
@@ -218,3 +219,10 @@ def test_finished_only_tables_what_is_there_and_names_the_rest(tmp_path, monkeyp
     quality.main()
     assert "| psa | 1 |" in (tmp_path / "quality.md").read_text()
     assert json.loads((tmp_path / "quality.json").read_text())["missing"] == ["psa seed 1"]
+
+
+def test_prior_option_refuses_a_missing_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["quality.py", "--variants", "afa_prior", "--prior", str(tmp_path / "no.pth"),
+                                      "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="does not exist"):
+        quality.main()

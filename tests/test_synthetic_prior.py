@@ -169,3 +169,10 @@ def test_attention_scale_shows_the_shipped_prior_saturating_the_affinity(capsys)
     rows = [[float(cell) for cell in line.strip("|").split("|")[1:]] for line in lines[2:]]
     assert rows[1][0] > 10 * rows[0][0] and rows[1][2] + rows[1][3] > 0.5  # docs/synthetic.md: std 47.8 vs 0.57
     assert capsys.readouterr().out.splitlines()[:2] == lines[:2]
+
+
+def test_attention_scale_names_a_missing_weights_file(tmp_path):
+    from benchmarks import attention_scale
+
+    with pytest.raises(SystemExit, match=r"error: weights file .*missing\.pth does not exist"):
+        attention_scale.main([str(tmp_path / "missing.pth"), "--images", "1"])

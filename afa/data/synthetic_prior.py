@@ -96,15 +96,21 @@ def _family_shape(family: int, u: np.ndarray, v: np.ndarray, major: float, minor
     return ((np.abs(x) <= 1) & (np.abs(y) <= arm)) | ((np.abs(y) <= 1) & (np.abs(x) <= arm))
 
 
+def _linear_ramp(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, np.ndarray, float, np.ndarray]:
+    """(rows, cols, angle, ramp): pixel coordinates, a random direction and the position along
+    it in units of the region's larger side (a shading ramp)."""
+    rows, cols = np.mgrid[0:height, 0:width].astype(np.float32)
+    angle = rng.uniform(0, 2 * np.pi)
+    return rows, cols, angle, (cols * np.cos(angle) + rows * np.sin(angle)) / max(height, width)
+
+
 def _appearance(rng: np.random.Generator, shape: tuple[int, int], background_value: float) -> np.ndarray:
     """A region's colour (H, W, 3): smooth shaded like a benchmark body, or textured."""
     height, width = shape
     value = _body_value(rng, background_value, 0.15)
     base = hsv_to_rgb(np.array([rng.random(), rng.uniform(0, PRIOR_MAX_SATURATION - 0.05), value], np.float32))
     base = base * _neutral(DEFAULT_SPEC)
-    rows, cols = np.mgrid[0:height, 0:width].astype(np.float32)
-    angle = rng.uniform(0, 2 * np.pi)
-    ramp = (cols * np.cos(angle) + rows * np.sin(angle)) / max(height, width)
+    rows, cols, angle, ramp = _linear_ramp(rng, height, width)
     luminance = rng.uniform(0.02, 0.15) * ramp[..., None]
     kind = int(rng.integers(0, 4))  # 0-1 smooth (as bodies), 2 stripes, 3 blotches
     if kind == 2:
@@ -122,9 +128,7 @@ def _saturated_appearance(rng: np.random.Generator, shape: tuple[int, int]) -> n
     hue = PRIOR_PART_HUES[int(rng.integers(0, len(PRIOR_PART_HUES)))] + rng.uniform(
         -PRIOR_PART_HUE_JITTER, PRIOR_PART_HUE_JITTER)
     base = hsv_to_rgb(np.array([hue, rng.uniform(0.5, 0.95), rng.uniform(0.55, 0.9)], np.float32))
-    rows, cols = np.mgrid[0:height, 0:width].astype(np.float32)
-    angle = rng.uniform(0, 2 * np.pi)
-    ramp = (cols * np.cos(angle) + rows * np.sin(angle)) / max(height, width)
+    ramp = _linear_ramp(rng, height, width)[3]
     # Shading scales the colour (not added grey), so the hue stays where it was drawn.
     shade = 1.0 + rng.uniform(-0.1, 0.1) * ramp[..., None] + rng.normal(0.0, 0.01, (height, width, 1))
     return base * shade.astype(np.float32)
