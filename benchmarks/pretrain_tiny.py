@@ -39,13 +39,14 @@ from afa.data.synthetic_prior import NUM_PRIOR_CLASSES, PRIOR_STYLES, PRIOR_VAL_
 from afa.engine.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from afa.engine.optim import poly_warmup_multiplier  # noqa: E402
 from afa.metrics import AffinityRecall, ConfusionMatrix  # noqa: E402
+from afa.models.mit import AttentionFactors  # noqa: E402
 from afa.models.network import AFANetwork, build_afa_network  # noqa: E402
 from afa.ops import affinity_labels_from_segmentation, affinity_loss, multilabel_soft_margin_loss  # noqa: E402
 
 DEFAULT_OUT = ROOT / "weights" / "mit_tiny_synthetic_prior.pth"
 # Options a resumed run must share with the interrupted one.
 RESUME_KEYS = ("iterations", "batch_size", "lr", "weight_decay", "warmup", "aff_weight", "radius", "strides", "seed",
-               "style", "colour_weight")
+               "style", "colour_weight", "logit_rms_max")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -67,6 +68,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="weight of an auxiliary loss that reads each last-stage cell's mean input colour "
                              "back from its features (a 1x1 conv, MSE), keeping colour in the deepest features "
                              "(0: off, the shipped prior's setting; docs/synthetic.md measures 1)")
+    parser.add_argument("--logit-rms-max", type=float, default=None,
+                        help="penalise the last blocks' attention logits q k^T (those AFA's affinity projects) "
+                             "by (rms - this)^2 where their root mean square exceeds it, so that the prior does "
+                             "not saturate the affinity's sigmoid (off by default, the shipped prior's setting)")
     parser.add_argument("--strides", type=int, nargs=4, default=[4, 2, 1, 1], help="the synthetic experiment's")
     parser.add_argument("--val-images", type=int, default=500)
     parser.add_argument("--eval-every", type=int, default=500)
@@ -92,29 +97,38 @@ def colour_loss(head: nn.Module, last_features: torch.Tensor, images: torch.Tens
     return F.mse_loss(head(last_features), F.adaptive_avg_pool2d(images, last_features.shape[-2:]))
 
 
+def logit_rms(attention: AttentionFactors) -> torch.Tensor:
+    """Root mean square of the attention logits q kᵀ (n, M, N, N) that AFA's affinity projects,
+    without forming them: per map ‖q kᵀ‖²_F = ⟨qᵀq, kᵀk⟩_F."""
+    queries, keys = attention.queries, attention.keys
+    squares = ((queries.transpose(-2, -1) @ queries) * (keys.transpose(-2, -1) @ keys)).sum(dim=(-2, -1))
+    return (squares.mean() / (queries.shape[-2] * keys.shape[-2])).sqrt()
+
+
 def losses(network: AFANetwork, batch: dict[str, torch.Tensor], aff_weight: float, radius: int | None,
-           colour_head: nn.Module | None = None, colour_weight: float = 0.0) -> dict[str, torch.Tensor]:
+           colour_head: nn.Module | None = None, colour_weight: float = 0.0,
+           logit_rms_max: float | None = None) -> dict[str, torch.Tensor]:
     """Segmentation CE + classification + aff_weight · affinity loss (+ colour_weight · colour
-    loss with a ``colour_head``) of one batch."""
-    last: list[torch.Tensor] = []
-    hook = None if colour_head is None else network.encoder.register_forward_hook(
-        lambda module, inputs, output: last.append(output[0][-1]))
-    try:
-        output = network(batch["image"], with_affinity=aff_weight > 0)
-    finally:
-        if hook is not None:
-            hook.remove()
-    logits = F.interpolate(output.seg_logits, size=batch["mask"].shape[-2:], mode="bilinear", align_corners=False)
+    loss with a ``colour_head``; + (rms − logit_rms_max)² where the last blocks' attention
+    logits' root mean square exceeds ``logit_rms_max``) of one batch."""
+    images = batch["image"]
+    with_attention = aff_weight > 0 or logit_rms_max is not None
+    features, attention = network.encoder(images, attention_images=images.shape[0] if with_attention else 0)
+    logits = F.interpolate(network.decoder(features), size=batch["mask"].shape[-2:], mode="bilinear",
+                           align_corners=False)
     seg = F.cross_entropy(logits, batch["mask"], ignore_index=255)
-    cls = multilabel_soft_margin_loss(output.class_logits, batch["labels"])
+    cls = multilabel_soft_margin_loss(network.classifier(network.pool(features[-1])).flatten(1), batch["labels"])
     result = {"seg_loss": seg, "cls_loss": cls, "loss": seg + cls}
     if aff_weight > 0:
-        aff, _ = affinity_loss(output.affinity, affinity_targets(batch["mask"], network, radius))
+        aff, _ = affinity_loss(network.attn_proj(attention), affinity_targets(batch["mask"], network, radius))
         result["aff_loss"] = aff
         result["loss"] = result["loss"] + aff_weight * aff
     if colour_head is not None:
-        result["colour_loss"] = colour_loss(colour_head, last[0], batch["image"])
+        result["colour_loss"] = colour_loss(colour_head, features[-1], images)
         result["loss"] = result["loss"] + colour_weight * result["colour_loss"]
+    if logit_rms_max is not None:
+        result["logit_rms"] = logit_rms(attention)
+        result["loss"] = result["loss"] + F.relu(result["logit_rms"] - logit_rms_max).square()
     return result
 
 
@@ -194,7 +208,8 @@ def main(argv: list[str] | None = None) -> dict:
     progress = tqdm(batches, total=args.iterations, initial=start, desc="pretrain", dynamic_ncols=True, mininterval=10)
     for batch in progress:
         batch = {key: value.to(device) for key, value in batch.items()}
-        terms = losses(network, batch, args.aff_weight, args.radius, colour_head, args.colour_weight)
+        terms = losses(network, batch, args.aff_weight, args.radius, colour_head, args.colour_weight,
+                       args.logit_rms_max)
         if not torch.isfinite(terms["loss"]):
             raise SystemExit(f"non-finite loss at iteration {iteration}: lower --lr")
         optimizer.zero_grad(set_to_none=True)
