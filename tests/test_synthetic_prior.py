@@ -21,7 +21,8 @@ from afa.data.synthetic_prior import (
     prior_seed,
 )
 from afa.engine.builders import build_network
-from afa.models.mit import build_mit
+from afa.models.mit import AttentionFactors, build_mit
+from afa.models.network import build_afa_network
 from afa.models.weights import load_pretrained_encoder, read_state_dict
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,7 +113,7 @@ def _pretrain(tmp_path: Path, work: str, *extra: str) -> dict:
                                "--work-dir", str(tmp_path / work), *extra])
 
 
-@pytest.mark.parametrize("extra", [(), ("--colour-weight", "1")], ids=["plain", "colour"])
+@pytest.mark.parametrize("extra", [(), ("--colour-weight", "1", "--logit-rms-max", "0.5")], ids=["plain", "colour-rms"])
 def test_pretraining_writes_loadable_weights_and_resumes_bit_identically(tmp_path, monkeypatch, extra):
     from benchmarks import pretrain_tiny
 
@@ -157,6 +158,24 @@ def test_colour_loss_reads_the_cells_mean_colour():
         head.weight[:, :3, 0, 0] = torch.eye(3)
     assert colour_loss(head, features, images).item() < 1e-12
     assert colour_loss(head, torch.zeros_like(features), images).item() == pytest.approx(means.pow(2).mean().item())
+
+
+def test_logit_rms_is_the_formed_logits_root_mean_square_and_penalised_above_its_bound():
+    from benchmarks.pretrain_tiny import logit_rms, losses
+
+    factors = AttentionFactors(torch.randn(2, 3, 10, 4, dtype=torch.float64), torch.randn(2, 3, 10, 4, dtype=torch.float64))
+    assert logit_rms(factors).item() == pytest.approx(factors.logits().pow(2).mean().sqrt().item(), rel=1e-12)
+
+    torch.manual_seed(0)
+    network = build_afa_network("tiny", NUM_PRIOR_CLASSES, strides=(4, 2, 1, 1)).eval()  # no stochastic draws
+    batch = {"image": torch.randn(2, 3, 64, 64), "mask": torch.randint(0, NUM_PRIOR_CLASSES + 1, (2, 64, 64)),
+             "labels": torch.randint(0, 2, (2, NUM_PRIOR_CLASSES)).float()}
+    plain = losses(network, batch, 0.0, None)
+    _, attention = network.encoder(batch["image"], attention_images=2)
+    rms = attention.logits().pow(2).mean().sqrt()
+    below, above = (losses(network, batch, 0.0, None, logit_rms_max=bound) for bound in (rms.item() + 1, 0.0))
+    assert torch.allclose(below["loss"], plain["loss"]) and torch.allclose(below["logit_rms"], rms, rtol=1e-5)
+    assert torch.allclose(above["loss"], plain["loss"] + rms.square(), rtol=1e-5)
 
 
 def test_attention_scale_shows_the_shipped_prior_saturating_the_affinity(capsys):
