@@ -512,3 +512,19 @@ def test_affinity_from_factors_equals_mixing_the_logit_maps():
     expected_grads = torch.autograd.grad((expected * weights).sum(), (queries, keys, head.weight, head.bias))
     for grad, reference in zip(grads, expected_grads):
         torch.testing.assert_close(grad, reference, atol=1e-5, rtol=1e-4)
+
+
+
+@pytest.mark.parametrize("strides", [(4, 2, 2, 1), (4, 2, 1, 1), (4, 2, 2, 2)])
+def test_encoder_names_its_smallest_input_instead_of_a_raw_conv_error(strides, monkeypatch):
+    from afa.models.mit import ImageTooSmallError, MixTransformer
+
+    encoder = build_mit("tiny", strides=strides).eval()
+    smallest = encoder.min_input_size
+    with torch.no_grad():
+        encoder(torch.zeros(1, 3, smallest, smallest + 7))
+        with pytest.raises(ImageTooSmallError, match=f"at least {smallest}×{smallest} px, got {smallest - 1}×64"):
+            encoder(torch.zeros(1, 3, smallest - 1, 64))
+        monkeypatch.setattr(MixTransformer, "min_input_size", 0)  # the bound is exact: one pixel less fails in torch
+        with pytest.raises(RuntimeError, match="Kernel size can't be greater"):
+            encoder(torch.zeros(1, 3, smallest - 1, 64))

@@ -10,13 +10,14 @@ from typing import TypeVar
 from afa.crf import CRFUnavailableError
 from afa.data.readers import DatasetError
 from afa.engine.config import ConfigError
+from afa.models.mit import ImageTooSmallError
 from afa.models.weights import CheckpointError
 
 T = TypeVar("T")
 
 # Errors whose message already names the file or key and the fix.
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    ConfigError, DatasetError, CheckpointError, FileNotFoundError, CRFUnavailableError,
+    ConfigError, DatasetError, CheckpointError, FileNotFoundError, CRFUnavailableError, ImageTooSmallError,
 )
 
 

@@ -19,6 +19,10 @@ import_timm()
 from timm.layers import DropPath, trunc_normal_  # noqa: E402  (after the torchvision patch)
 
 
+class ImageTooSmallError(ValueError):
+    """An input smaller than the encoder's smallest (its key/value reductions need a whole kernel)."""
+
+
 class AttentionFactors(NamedTuple):
     """The attention of the last blocks as queries and keys: the logit maps ``q kᵀ`` are
     (n, M, N, N), so consumers that mix them linearly (AFA's affinity) never form them."""
@@ -229,6 +233,7 @@ class MixTransformer(nn.Module):
         self.embed_dims = tuple(embed_dims)
         self.num_heads = tuple(num_heads)
         self.strides = tuple(strides)
+        self.sr_ratios = tuple(sr_ratios)
         self.attention_blocks = attention_blocks
         drop_rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         channels = in_channels
@@ -251,6 +256,12 @@ class MixTransformer(nn.Module):
         return math.prod(self.strides)
 
     @property
+    def min_input_size(self) -> int:
+        """Smallest image side every stage's key/value reduction accepts: stage i's grid,
+        ceil(side / cumulative stride), must hold one sr_i × sr_i kernel (29 px for MiT)."""
+        return max((sr - 1) * math.prod(self.strides[: i + 1]) + 1 for i, sr in enumerate(self.sr_ratios))
+
+    @property
     def attention_channels(self) -> int:
         """Number of attention logit maps returned (heads summed over the attention blocks)."""
         return self.attention_blocks * self.num_heads[-1]
@@ -271,6 +282,10 @@ class MixTransformer(nn.Module):
                 the pre-softmax logits ``q kᵀ``, M = attention_blocks * heads maps over the
                 N tokens of the last stage), or None.
         """
+        if min(images.shape[-2:]) < self.min_input_size:
+            raise ImageTooSmallError(
+                f"the MiT encoder needs images of at least {self.min_input_size}×{self.min_input_size} px, got "
+                f"{images.shape[-2]}×{images.shape[-1]}: use larger images or a larger smallest test/CAM scale")
         features: list[Tensor] = []
         queries: list[Tensor] = []
         keys: list[Tensor] = []
