@@ -6,9 +6,12 @@ sigmoid (P near 0 or 1) and its gradient σ(1 − σ) vanishes, so the affinity 
 For the tiny MiT at the synthetic experiment's strides this prints, per start (random
 weights, or a ``mit_*.pth`` file), the logits' standard deviation and largest magnitude and
 the share of the initial P below 0.01 or above 0.99, on the first val images of the
-benchmark (128 × 128 crops, one projection initialised with the given seed).
+benchmark (128 × 128 crops, one projection initialised with the given seed). A training
+checkpoint (``train.py``'s ``*.pt``) is shown with its own trained projection instead: where
+a run's logits and P stand at that iteration (``train.keep_last`` keeps a run's steps).
 
     python benchmarks/attention_scale.py weights/mit_tiny_synthetic_prior.pth runs/exp/prior_colour.pth
+    python benchmarks/attention_scale.py runs/<run>/checkpoints/step_*.pt
 """
 from __future__ import annotations
 
@@ -22,14 +25,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from afa.data.synthetic import generate_split_image  # noqa: E402
 from afa.data.transforms import normalize_to_tensor  # noqa: E402
 from afa.models.network import build_afa_network  # noqa: E402
+from afa.engine.checkpoint import load_checkpoint  # noqa: E402
 from afa.models.weights import CheckpointError  # noqa: E402
+from benchmarks.synthetic_proxy import load_network  # noqa: E402
+
+
+def is_training_checkpoint(path: Path) -> bool:
+    """A ``train.py`` checkpoint (the whole network and its config), not encoder weights."""
+    if not path.is_file():
+        return False  # the weights loader names the missing file
+    state = load_checkpoint(path)
+    return isinstance(state, dict) and {"model", "config"} <= state.keys()
 
 
 @torch.no_grad()
 def attention_scale(weights: Path | None, images: torch.Tensor, seed: int = 0) -> dict[str, float]:
-    """Logit std / largest magnitude and the initial P's saturated share for one start."""
+    """Logit std / largest magnitude and P's saturated share for one start (a fresh
+    projection) or one training checkpoint (its own projection)."""
     torch.manual_seed(seed)  # the same projection initialisation for every start
-    network = build_afa_network("tiny", 8, strides=(4, 2, 1, 1), pretrained=None if weights is None else str(weights))
+    if weights is not None and is_training_checkpoint(weights):
+        network, _ = load_network(str(weights))
+    else:
+        network = build_afa_network("tiny", 8, strides=(4, 2, 1, 1),
+                                    pretrained=None if weights is None else str(weights))
     network.eval()
     _, attention = network.encoder(images, attention_images=images.shape[0])
     logits, affinity = attention.logits(), network.attn_proj(attention)

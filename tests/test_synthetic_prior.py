@@ -24,6 +24,7 @@ from afa.engine.builders import build_network
 from afa.models.mit import AttentionFactors, build_mit
 from afa.models.network import build_afa_network
 from afa.models.weights import load_pretrained_encoder, read_state_dict
+from tests.test_eval import trained  # noqa: F401  (fixture: the tiny synthetic run)
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = REPO / "weights" / "mit_tiny_synthetic_prior.pth"
@@ -195,3 +196,19 @@ def test_attention_scale_names_a_missing_weights_file(tmp_path):
 
     with pytest.raises(SystemExit, match=r"error: weights file .*missing\.pth does not exist"):
         attention_scale.main([str(tmp_path / "missing.pth"), "--images", "1"])
+
+
+def test_attention_scale_reads_a_training_checkpoint_with_its_own_projection(trained):  # noqa: F811
+    from benchmarks import attention_scale
+    from benchmarks.synthetic_proxy import load_network
+
+    checkpoint, _ = trained
+    images = torch.randn(2, 3, 128, 128)
+    assert attention_scale.is_training_checkpoint(checkpoint) and not attention_scale.is_training_checkpoint(WEIGHTS)
+    numbers = attention_scale.attention_scale(checkpoint, images, seed=0)
+    network, _ = load_network(str(checkpoint))
+    with torch.no_grad():
+        _, attention = network.encoder(images, attention_images=2)
+        affinity = network.attn_proj(attention)
+    assert numbers["logit_std"] == pytest.approx(attention.logits().std().item(), rel=1e-5)
+    assert numbers["p_above_0.99"] == pytest.approx((affinity > 0.99).float().mean().item())
