@@ -40,7 +40,9 @@ from afa.engine.builders import build_network  # noqa: E402
 from afa.engine.checkpoint import load_checkpoint  # noqa: E402
 from afa.engine.evaluator import predict_afa_batch_with_cams  # noqa: E402
 from afa.metrics import ConfusionMatrix, MultiLabelCounts  # noqa: E402
-from afa.ops import refine_cams_with_par  # noqa: E402
+from afa.engine.afa_step import resolve_propagation  # noqa: E402
+from afa.engine.predict import propagate_label  # noqa: E402
+from afa.ops import affinity_labels_from_segmentation, refine_cams_with_par  # noqa: E402
 
 ZONES = ("core", "band", "rest of body", "background near", "background far")
 
@@ -60,6 +62,16 @@ def oracle_affinity(chunk: list[dict], grid: tuple[int, int]) -> torch.Tensor:
     instances = torch.stack([torch.from_numpy(s["parts"]["instances"].astype(np.int64)) for s in chunk])
     nodes = F.interpolate(instances[:, None].float(), size=grid, mode="nearest").flatten(1).long()
     return torch.where(nodes[:, :, None] == nodes[:, None, :], 0.95, 0.05)
+
+
+def label_affinity(network: torch.nn.Module, images: torch.Tensor, train_label: torch.Tensor,
+                   method: DictConfig) -> torch.Tensor:
+    """(B, N, N): 0.95 / 0.05 where the affinity labels of ``train_label`` (B, H, W) say same /
+    different (AFA.md §6, the method's window), the network's learned P where they are ignored."""
+    learned = network(images, with_segmentation=False).affinity
+    targets = affinity_labels_from_segmentation(train_label, network.affinity_grid(*images.shape[-2:]),
+                                                radius=int(method.affinity.radius))
+    return torch.where(targets == 255, learned, torch.where(targets == 1, 0.95, 0.05))
 
 
 def zone_counts(sample: dict, cam_label: np.ndarray, par_label: np.ndarray, band: float) -> np.ndarray:
@@ -96,6 +108,10 @@ def main() -> None:
     parser.add_argument("--band", type=float, default=1.0, help="width of the band zone, in mark radii")
     parser.add_argument("--oracle-affinity", action="store_true",
                         help="propagate with a perfect affinity (same object on the stage-4 grid)")
+    parser.add_argument("--label-affinity", action="store_true",
+                        help="also propagate with the affinity AFA's labels ask for: P = 0.95 / 0.05 on the pairs "
+                             "the PAR training label (0.55 / 0.35) calls same / different, the network's own P on "
+                             "the pairs it ignores (a projection that fits its labels perfectly)")
     parser.add_argument("--classes", help="only images whose classes all lie in this comma list")
     parser.add_argument("--dump", type=Path, help="write image | CAM | CAM, PAR, propagated, seg labels | GT")
     parser.add_argument("--dump-count", type=int, default=12)
@@ -117,7 +133,8 @@ def main() -> None:
     for sample in data:
         by_size[sample["image"].mask.shape].append(sample)
 
-    names = ("cam", "par", "par_train", "propagated", "segmentation")
+    shown = ("cam", "par", "propagated", "segmentation", *(("label_propagated",) if args.label_affinity else ()))
+    names = ("par_train", *shown)
     matrices = {name: ConfusionMatrix(NUM_SYNTHETIC_CLASSES + 1) for name in names}
     classification = MultiLabelCounts(NUM_SYNTHETIC_CLASSES)
     ignored, counted, dumped = 0, 0, 0
@@ -141,6 +158,11 @@ def main() -> None:
                 ignored += int((is_ignored & (masks != 255)).sum())
                 counted += int((masks != 255).sum())
                 predictions["par_train"] = torch.where(is_ignored, 0, train_label)
+                if args.label_affinity:
+                    predictions["label_propagated"] = propagate_label(
+                        network, images, cams, labels, label_affinity(network, images, train_label, method),
+                        float(method.affinity.propagation_bkg_score), int(method.affinity.radius),
+                        resolve_propagation("auto", images.device))
                 for name, prediction in predictions.items():
                     target = torch.where(is_ignored, 255, masks) if name == "par_train" else masks
                     matrices[name].update(prediction, target)
@@ -157,9 +179,11 @@ def main() -> None:
           f"({time.perf_counter() - started:.0f} s)")
     print(f"cls F1 {f1['f1']:.3f} | CAM {results['cam']['miou']:.3f} | PAR@0.45 {results['par']['miou']:.3f} | "
           f"PAR training label {results['par_train']['miou']:.3f} (ignored {ignored / max(1, counted):.0%}) | "
-          f"propagated {results['propagated']['miou']:.3f} | segmentation {results['segmentation']['miou']:.3f}")
+          f"propagated {results['propagated']['miou']:.3f} | segmentation {results['segmentation']['miou']:.3f}"
+          + (f" | propagated with the labels' affinity {results['label_propagated']['miou']:.3f}"
+             if args.label_affinity else ""))
     print("  classification F1 per class: " + " ".join(f"{v:.2f}" for v in f1["per_class_f1"]))
-    for name in ("cam", "par", "propagated", "segmentation"):
+    for name in shown:
         iou = results[name]["iou"]
         print(f"  {name:13s} IoU per class: " + " ".join("-" if np.isnan(v) else f"{v:.2f}" for v in iou))
     print(f"  zone (band = {args.band} mark radii)   pixels   CAM label   PAR@0.45   (object zones: share given the"
