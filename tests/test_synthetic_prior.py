@@ -22,6 +22,7 @@ from afa.data.synthetic_prior import (
 )
 from afa.engine.builders import build_network
 from afa.models.mit import AttentionFactors, build_mit
+from afa.ops import affinity_labels_from_segmentation
 from afa.models.network import build_afa_network
 from afa.models.weights import load_pretrained_encoder, read_state_dict
 from tests.test_eval import trained  # noqa: F401  (fixture: the tiny synthetic run)
@@ -212,3 +213,21 @@ def test_attention_scale_reads_a_training_checkpoint_with_its_own_projection(tra
         affinity = network.attn_proj(attention)
     assert numbers["logit_std"] == pytest.approx(attention.logits().std().item(), rel=1e-5)
     assert numbers["p_above_0.99"] == pytest.approx((affinity > 0.99).float().mean().item())
+
+
+def test_label_affinity_is_the_labels_where_they_speak_and_the_learned_p_elsewhere(trained):  # noqa: F811
+    from benchmarks.synthetic_proxy import label_affinity, load_network
+
+    network, method = load_network(str(trained[0]))
+    images = torch.randn(1, 3, 64, 64)
+    grid = network.affinity_grid(64, 64)
+    train_label = torch.zeros(1, 64, 64, dtype=torch.long)
+    train_label[:, :, 32:] = 3  # two regions on the grid's left and right halves
+    train_label[:, :8, :8] = 255  # one ignored corner node
+    with torch.no_grad():
+        wanted = label_affinity(network, images, train_label, method)
+        learned = network(images, with_segmentation=False).affinity
+    targets = affinity_labels_from_segmentation(train_label, grid, radius=int(method.affinity.radius))
+    assert torch.equal(wanted[targets == 255], learned[targets == 255])
+    assert torch.all(wanted[targets == 1] == torch.tensor(0.95)) and torch.all(wanted[targets == 0] == torch.tensor(0.05))
+    assert (targets == 0).any() and (targets == 1).any() and (targets == 255).any()
