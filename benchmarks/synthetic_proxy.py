@@ -42,7 +42,7 @@ from afa.engine.evaluator import predict_afa_batch_with_cams  # noqa: E402
 from afa.metrics import ConfusionMatrix, MultiLabelCounts  # noqa: E402
 from afa.engine.afa_step import resolve_propagation  # noqa: E402
 from afa.engine.predict import propagate_label  # noqa: E402
-from afa.ops import affinity_labels_from_segmentation, refine_cams_with_par  # noqa: E402
+from afa.ops import affinity_labels_from_segmentation, local_window_mask, refine_cams_with_par  # noqa: E402
 
 ZONES = ("core", "band", "rest of body", "background near", "background far")
 
@@ -64,14 +64,31 @@ def oracle_affinity(chunk: list[dict], grid: tuple[int, int]) -> torch.Tensor:
     return torch.where(nodes[:, :, None] == nodes[:, None, :], 0.95, 0.05)
 
 
-def label_affinity(network: torch.nn.Module, images: torch.Tensor, train_label: torch.Tensor,
-                   method: DictConfig) -> torch.Tensor:
+def label_affinity(learned: torch.Tensor, train_label: torch.Tensor, grid: tuple[int, int], radius: int) -> torch.Tensor:
     """(B, N, N): 0.95 / 0.05 where the affinity labels of ``train_label`` (B, H, W) say same /
-    different (AFA.md §6, the method's window), the network's learned P where they are ignored."""
-    learned = network(images, with_segmentation=False).affinity
-    targets = affinity_labels_from_segmentation(train_label, network.affinity_grid(*images.shape[-2:]),
-                                                radius=int(method.affinity.radius))
+    different (AFA.md §6, window ``radius`` on ``grid``), the learned P (B, N, N) where they are ignored."""
+    targets = affinity_labels_from_segmentation(train_label, grid, radius=radius)
     return torch.where(targets == 255, learned, torch.where(targets == 1, 0.95, 0.05))
+
+
+PAIR_KINDS = ("mark-mark", "mark-body", "mark-background", "body-background")
+
+
+def mark_pair_means(chunk: list[dict], learned: torch.Tensor, grid: tuple[int, int], radius: int,
+                    sums: np.ndarray) -> None:
+    """Adds, per class, the learned P (B, N, N) summed over the window's pairs of each kind
+    (``PAIR_KINDS``, between one object's nodes and its own mark's or the background's) and
+    their count to ``sums`` (classes + 1, kinds, 2); nodes sample the maps nearest."""
+    window = local_window_mask(grid[0], grid[1], radius, learned.device)
+    for row, sample in enumerate(chunk):
+        maps = torch.from_numpy(np.stack([sample["parts"]["marks"], sample["parts"]["instances"]]).astype(np.float32))
+        marks, instances = F.interpolate(maps[None], size=grid, mode="nearest")[0].flatten(1).long()
+        background = instances == 0
+        for obj, cls in enumerate(sample["parts"]["classes"], start=1):
+            mark, body = marks == obj, (instances == obj) & (marks != obj)
+            for kind, (first, second) in enumerate(((mark, mark), (mark, body), (mark, background), (body, background))):
+                pairs = window & first[:, None] & second[None, :]
+                sums[cls, kind] += (float(learned[row][pairs].sum()), int(pairs.sum()))
 
 
 def zone_counts(sample: dict, cam_label: np.ndarray, par_label: np.ndarray, band: float) -> np.ndarray:
@@ -112,6 +129,9 @@ def main() -> None:
                         help="also propagate with the affinity AFA's labels ask for: P = 0.95 / 0.05 on the pairs "
                              "the PAR training label (0.55 / 0.35) calls same / different, the network's own P on "
                              "the pairs it ignores (a projection that fits its labels perfectly)")
+    parser.add_argument("--mark-pairs", action="store_true",
+                        help="print the learned P per class: mean over the window's mark-mark, mark-body, "
+                             "mark-background and body-background pairs of each object")
     parser.add_argument("--classes", help="only images whose classes all lie in this comma list")
     parser.add_argument("--dump", type=Path, help="write image | CAM | CAM, PAR, propagated, seg labels | GT")
     parser.add_argument("--dump-count", type=int, default=12)
@@ -139,6 +159,8 @@ def main() -> None:
     classification = MultiLabelCounts(NUM_SYNTHETIC_CLASSES)
     ignored, counted, dumped = 0, 0, 0
     zones = np.zeros((len(ZONES), 3))
+    pair_sums = np.zeros((NUM_SYNTHETIC_CLASSES + 1, len(PAIR_KINDS), 2))
+    radius = int(method.affinity.radius)
     with torch.no_grad():
         for size, group in sorted(by_size.items()):
             for start in range(0, len(group), args.batch):
@@ -158,11 +180,15 @@ def main() -> None:
                 ignored += int((is_ignored & (masks != 255)).sum())
                 counted += int((masks != 255).sum())
                 predictions["par_train"] = torch.where(is_ignored, 0, train_label)
+                if args.label_affinity or args.mark_pairs:
+                    learned = network(images, with_segmentation=False).affinity
+                    grid = network.affinity_grid(*size)
                 if args.label_affinity:
                     predictions["label_propagated"] = propagate_label(
-                        network, images, cams, labels, label_affinity(network, images, train_label, method),
-                        float(method.affinity.propagation_bkg_score), int(method.affinity.radius),
-                        resolve_propagation("auto", images.device))
+                        network, images, cams, labels, label_affinity(learned, train_label, grid, radius),
+                        float(method.affinity.propagation_bkg_score), radius, resolve_propagation("auto", images.device))
+                if args.mark_pairs:
+                    mark_pair_means(chunk, learned, grid, radius, pair_sums)
                 for name, prediction in predictions.items():
                     target = torch.where(is_ignored, 255, masks) if name == "par_train" else masks
                     matrices[name].update(prediction, target)
@@ -190,6 +216,11 @@ def main() -> None:
           " object's class; background: false-positive share)")
     for name, (pixels, cam_hits, par_hits) in zip(ZONES, zones):
         print(f"    {name:16s} {int(pixels):9d}   {cam_hits / max(pixels, 1):.3f}     {par_hits / max(pixels, 1):.3f}")
+    if args.mark_pairs:
+        print(f"  learned P, mean over the window's pairs (r = {radius}), per class: " + " | ".join(PAIR_KINDS))
+        for cls in range(1, NUM_SYNTHETIC_CLASSES + 1):
+            means = [f"{total / count:.2f}" if count else "-" for total, count in pair_sums[cls]]
+            print(f"    class {cls}: " + " | ".join(means))
 
 
 def dump_picture(folder: Path, sample: dict, predictions: dict, row: int, heat: torch.Tensor) -> None:
