@@ -215,19 +215,33 @@ def test_attention_scale_reads_a_training_checkpoint_with_its_own_projection(tra
     assert numbers["p_above_0.99"] == pytest.approx((affinity > 0.99).float().mean().item())
 
 
-def test_label_affinity_is_the_labels_where_they_speak_and_the_learned_p_elsewhere(trained):  # noqa: F811
-    from benchmarks.synthetic_proxy import label_affinity, load_network
+def test_label_affinity_is_the_labels_where_they_speak_and_the_learned_p_elsewhere():
+    from benchmarks.synthetic_proxy import label_affinity
 
-    network, method = load_network(str(trained[0]))
-    images = torch.randn(1, 3, 64, 64)
-    grid = network.affinity_grid(64, 64)
+    learned = torch.rand(1, 64, 64)  # an 8x8 grid
     train_label = torch.zeros(1, 64, 64, dtype=torch.long)
-    train_label[:, :, 32:] = 3  # two regions on the grid's left and right halves
+    train_label[:, :, 32:] = 3  # two regions: the grid's left and right halves
     train_label[:, :8, :8] = 255  # one ignored corner node
-    with torch.no_grad():
-        wanted = label_affinity(network, images, train_label, method)
-        learned = network(images, with_segmentation=False).affinity
-    targets = affinity_labels_from_segmentation(train_label, grid, radius=int(method.affinity.radius))
+    wanted = label_affinity(learned, train_label, (8, 8), radius=2)
+    targets = affinity_labels_from_segmentation(train_label, (8, 8), radius=2)
+    assert (targets == 0).any() and (targets == 1).any() and (targets == 255).any()
     assert torch.equal(wanted[targets == 255], learned[targets == 255])
     assert torch.all(wanted[targets == 1] == torch.tensor(0.95)) and torch.all(wanted[targets == 0] == torch.tensor(0.05))
-    assert (targets == 0).any() and (targets == 1).any() and (targets == 255).any()
+
+
+def test_mark_pair_means_against_a_hand_count():
+    from benchmarks.synthetic_proxy import PAIR_KINDS, mark_pair_means
+
+    instances = np.zeros((4, 4), np.int64)
+    instances[:, :2] = 1  # object 1: the left half; its mark the top-left cell
+    marks = np.zeros((4, 4), np.int64)
+    marks[0, 0] = 1
+    learned = torch.arange(256, dtype=torch.float32).reshape(1, 16, 16) / 256
+    sums = np.zeros((3, len(PAIR_KINDS), 2))
+    mark_pair_means([{"parts": {"instances": instances, "marks": marks, "classes": [2]}}], learned, (4, 4), 1, sums)
+    # radius 1: node 0's window holds nodes 0, 1, 4, 5; of them 1, 4, 5 are body, none background
+    assert sums[2, 0].tolist() == [0.0, 1] and sums[2, 1].tolist() == [pytest.approx((1 + 4 + 5) / 256), 3]
+    assert sums[2, 2].tolist() == [0.0, 0] and sums[1].sum() == 0
+    body, background = [1, 4, 5, 8, 9, 12, 13], [2, 3, 6, 7, 10, 11, 14, 15]
+    pairs = [(i, j) for i in body for j in background if abs(i // 4 - j // 4) <= 1 and abs(i % 4 - j % 4) <= 1]
+    assert sums[2, 3].tolist() == [pytest.approx(sum(16 * i + j for i, j in pairs) / 256), len(pairs)]
