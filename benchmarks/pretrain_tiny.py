@@ -10,6 +10,9 @@ group whole regions (measured: it made AFA's learned affinity worse, docs/synthe
 its features, so that colour, which segmenting shape families does not need, stays in them.
 ``--style parts`` pretrains on objects of two differently coloured, partly saturated sides
 instead (measured: AFA from it is worse than from the shipped plain-style prior).
+``--logit-rms-max`` bounds the root mean square of the last blocks' attention logits, the ones
+AFA's affinity projects (measured with ``--colour-weight 1``: the best CAM of any start, but
+the learned affinity still drops some classes' marks; docs/synthetic.md).
 Writes the encoder alone in the SegFormer ``mit_*.pth`` key layout (float16), loadable by
 ``model.pretrained``, and a JSON record beside it (command, metrics on the prior's own
 validation images, time). Resumable: a checkpoint is kept in ``--work-dir``.
