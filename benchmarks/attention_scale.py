@@ -24,18 +24,29 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from afa.data.synthetic import generate_split_image  # noqa: E402
 from afa.data.transforms import normalize_to_tensor  # noqa: E402
-from afa.models.network import build_afa_network  # noqa: E402
 from afa.engine.checkpoint import load_checkpoint  # noqa: E402
+from afa.models.network import AFANetwork, build_afa_network  # noqa: E402
 from afa.models.weights import CheckpointError  # noqa: E402
-from benchmarks.synthetic_proxy import load_network  # noqa: E402
+from benchmarks.synthetic_proxy import network_from_checkpoint  # noqa: E402
 
 
-def is_training_checkpoint(path: Path) -> bool:
-    """A ``train.py`` checkpoint (the whole network and its config), not encoder weights."""
-    if not path.is_file():
-        return False  # the weights loader names the missing file
-    state = load_checkpoint(path)
+def is_training_checkpoint(state: object) -> bool:
+    """A loaded ``train.py`` checkpoint (the whole network and its config), not encoder weights."""
     return isinstance(state, dict) and {"model", "config"} <= state.keys()
+
+
+def load_start(weights: Path | None) -> AFANetwork:
+    """Random weights (None), a ``mit_*.pth`` encoder with a fresh projection, or the whole
+    network of a training checkpoint (read once)."""
+    if weights is not None and weights.is_file():
+        try:
+            state = load_checkpoint(weights)
+        except (RuntimeError, TypeError):  # not a torch dict (safetensors, corrupt): see below
+            state = None
+        if is_training_checkpoint(state):
+            return network_from_checkpoint(state)[0]
+    # Encoder weights, or a missing or unreadable file, which the weights loader names.
+    return build_afa_network("tiny", 8, strides=(4, 2, 1, 1), pretrained=None if weights is None else str(weights))
 
 
 @torch.no_grad()
@@ -43,11 +54,7 @@ def attention_scale(weights: Path | None, images: torch.Tensor, seed: int = 0) -
     """Logit std / largest magnitude and P's saturated share for one start (a fresh
     projection) or one training checkpoint (its own projection)."""
     torch.manual_seed(seed)  # the same projection initialisation for every start
-    if weights is not None and is_training_checkpoint(weights):
-        network, _ = load_network(str(weights))
-    else:
-        network = build_afa_network("tiny", 8, strides=(4, 2, 1, 1),
-                                    pretrained=None if weights is None else str(weights))
+    network = load_start(weights)
     network.eval()
     _, attention = network.encoder(images, attention_images=images.shape[0])
     logits, affinity = attention.logits(), network.attn_proj(attention)

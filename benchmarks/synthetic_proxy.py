@@ -48,8 +48,20 @@ ZONES = ("core", "band", "rest of body", "background near", "background far")
 
 
 def load_network(path: str) -> tuple[torch.nn.Module, DictConfig]:
-    """The network of the run that saved ``path`` and that run's method config."""
-    checkpoint = load_checkpoint(path)
+    """The network of the run that saved ``path`` and that run's method config; a missing or
+    unreadable file is a one-line exit."""
+    if not Path(path).is_file():
+        raise SystemExit(f"error: checkpoint {path} does not exist: give a train.py checkpoint "
+                         "(runs/<run>/checkpoints/last.pt)")
+    try:
+        checkpoint = load_checkpoint(path)
+    except (RuntimeError, TypeError) as error:
+        raise SystemExit(f"error: {error}") from None
+    return network_from_checkpoint(checkpoint)
+
+
+def network_from_checkpoint(checkpoint: dict) -> tuple[torch.nn.Module, DictConfig]:
+    """The network a loaded ``train.py`` checkpoint holds, in eval mode, and its method config."""
     config = OmegaConf.create(checkpoint["config"])
     config.model.pretrained = None  # the checkpoint holds every weight
     network = build_network(config.model, NUM_SYNTHETIC_CLASSES)

@@ -21,6 +21,7 @@ from afa.data.synthetic_prior import (
     prior_seed,
 )
 from afa.engine.builders import build_network
+from afa.engine.checkpoint import load_checkpoint
 from afa.models.mit import AttentionFactors, build_mit
 from afa.ops import affinity_labels_from_segmentation
 from afa.models.network import build_afa_network
@@ -199,13 +200,31 @@ def test_attention_scale_names_a_missing_weights_file(tmp_path):
         attention_scale.main([str(tmp_path / "missing.pth"), "--images", "1"])
 
 
+def test_attention_scale_and_proxy_name_a_bad_file_in_one_line(tmp_path):
+    from benchmarks import attention_scale
+    from benchmarks.synthetic_proxy import load_network
+
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint at all" * 10)
+    with pytest.raises(SystemExit) as raised:
+        attention_scale.main([str(corrupt), "--images", "1"])
+    message = str(raised.value)
+    assert message.startswith(f"error: {corrupt} is not a readable checkpoint") and "\n" not in message
+    with pytest.raises(SystemExit, match=r"error: checkpoint .*missing\.pt does not exist: give a train\.py checkpoint"):
+        load_network(str(tmp_path / "missing.pt"))
+    with pytest.raises(SystemExit) as raised:
+        load_network(str(corrupt))
+    assert str(raised.value).startswith(f"error: {corrupt} is not a readable checkpoint") and "\n" not in str(raised.value)
+
+
 def test_attention_scale_reads_a_training_checkpoint_with_its_own_projection(trained):  # noqa: F811
     from benchmarks import attention_scale
     from benchmarks.synthetic_proxy import load_network
 
     checkpoint, _ = trained
     images = torch.randn(2, 3, 128, 128)
-    assert attention_scale.is_training_checkpoint(checkpoint) and not attention_scale.is_training_checkpoint(WEIGHTS)
+    assert attention_scale.is_training_checkpoint(load_checkpoint(checkpoint))
+    assert not attention_scale.is_training_checkpoint(load_checkpoint(WEIGHTS))
     numbers = attention_scale.attention_scale(checkpoint, images, seed=0)
     network, _ = load_network(str(checkpoint))
     with torch.no_grad():

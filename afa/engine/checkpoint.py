@@ -23,6 +23,8 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
+from afa.models.weights import error_summary
+
 _TEMP_SUFFIX = ".tmp"
 _STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
 
@@ -139,8 +141,8 @@ def load_checkpoint(
 def _unreadable(path: Path, error: Exception) -> RuntimeError:
     """The error for a checkpoint that exists but cannot be read."""
     return RuntimeError(
-        f"{path} is not a readable checkpoint (truncated or corrupt?): {type(error).__name__}: "
-        f"{error}: delete it or point train.resume to another file"
+        f"{path} is not a readable checkpoint (truncated or corrupt?): {error_summary(error)}: "
+        "delete it or point train.resume to another file"
     )
 
 

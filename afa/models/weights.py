@@ -103,6 +103,13 @@ def _safetensors_available() -> bool:
     return True
 
 
+def error_summary(error: BaseException) -> str:
+    """``Type: first line`` of an error: torch's load errors run to several lines, a user
+    error is printed as one."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
 def read_state_dict(path: str | Path) -> StateDict:
     """Read a tensor dict from ``.pth``/``.pt``/``.bin`` or ``.safetensors``, unwrapping
     the usual containers (``state_dict``, ``model``). A Hugging Face ``save_pretrained``
@@ -123,7 +130,7 @@ def read_state_dict(path: str | Path) -> StateDict:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for truncated/corrupt files
         raise CheckpointError(
-            f"{path} is not a readable checkpoint ({type(error).__name__}: {error}); re-copy or re-download it"
+            f"{path} is not a readable checkpoint ({error_summary(error)}); re-copy or re-download it"
         ) from error
     for container in ("state_dict", "model"):
         if isinstance(state, Mapping) and isinstance(state.get(container), Mapping):
